@@ -1,0 +1,166 @@
+"""Running one attempt: resolve the function, run it, turn what happened into a report.
+
+The same steps run in a worker's child processes and in `deferq.testing`, so a value that
+would fail in production fails in tests too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from datetime import timedelta
+from multiprocessing.connection import Connection
+from typing import Any
+
+from deferq.functions import registry
+from deferq.models import AttemptOutcome, ErrorCode
+from deferq.retry import RetryPolicy
+from deferq.serialization import decode_arguments, encode_result
+from deferq.store.base import AttemptReport, ClaimedAttempt
+
+logger = logging.getLogger("deferq.runner")
+
+NOT_RETRIED = frozenset({ErrorCode.RESULT_NOT_JSON.value, ErrorCode.ABORTED.value})
+"""Failures the retry policy does not apply to: running again cannot change them, or the
+user asked for the execution to stop."""
+
+Raw = list[Any]
+"""What running an attempt produced: ["ok", result_json] or ["error", code, message, trace]."""
+
+
+def run_function(function_name: str, arguments: str, loop: asyncio.AbstractEventLoop) -> Raw:
+    """Run one attempt in this process and say what happened."""
+    function = registry.get(function_name)
+    if function is None:
+        return [
+            "error",
+            ErrorCode.UNKNOWN_FUNCTION.value,
+            f"no background function named {function_name!r} in this worker",
+            None,
+        ]
+    try:
+        args, kwargs = decode_arguments(arguments)
+        value = function.__wrapped__(*args, **kwargs)
+        if asyncio.iscoroutine(value):
+            value = loop.run_until_complete(value)
+    except BaseException as exc:  # the function's failure is data, whatever it raised
+        return [
+            "error",
+            ErrorCode.RAISED.value,
+            f"{type(exc).__qualname__}: {exc}",
+            traceback.format_exc(),
+        ]
+    try:
+        return ["ok", encode_result(value, function_name=function_name)]
+    except (TypeError, ValueError) as exc:
+        return ["error", ErrorCode.RESULT_NOT_JSON.value, str(exc), None]
+
+
+def retry_in(claimed: ClaimedAttempt, error_code: str) -> timedelta | None:
+    """How long before the next attempt, or None when the policy allows no more."""
+    if claimed.retry_policy is None or error_code in NOT_RETRIED:
+        return None
+    policy = RetryPolicy.from_dict(json.loads(claimed.retry_policy))
+    retry_number = claimed.failed_attempts + 1
+    if retry_number > policy.max_retries:
+        return None
+    return policy.delay_before_retry(retry_number)
+
+
+def report(claimed: ClaimedAttempt, raw: Raw) -> AttemptReport:
+    """The report of an attempt that ran to its end."""
+    if raw[0] == "ok":
+        return AttemptReport(
+            claimed.execution_id, claimed.number, AttemptOutcome.SUCCEEDED, result=raw[1]
+        )
+    return failure(claimed, raw[1], raw[2], raw[3])
+
+
+def failure(
+    claimed: ClaimedAttempt, error_code: str, message: str, trace: str | None = None
+) -> AttemptReport:
+    """The report of a failed attempt, with the retry the policy allows."""
+    outcome = AttemptOutcome.ABORTED if error_code == "aborted" else AttemptOutcome.FAILED
+    return AttemptReport(
+        claimed.execution_id,
+        claimed.number,
+        outcome,
+        error_code=error_code,
+        error_message=message[:4000],
+        traceback=trace,
+        retry_in=retry_in(claimed, error_code),
+    )
+
+
+def interrupted(claimed: ClaimedAttempt) -> AttemptReport:
+    """The report of an attempt stopped by a worker shutdown: back to `created`, no retry used."""
+    return AttemptReport(
+        claimed.execution_id,
+        claimed.number,
+        AttemptOutcome.INTERRUPTED,
+        error_message="stopped by a worker shutdown; will run again",
+    )
+
+
+# The child process side
+
+
+def import_modules(modules: Sequence[str]) -> None:
+    """Import the modules that declare background functions, as a worker does at start."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for module in modules:
+        importlib.import_module(module)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    # Linux: the kernel kills this process when the worker dies, even by SIGKILL. Elsewhere,
+    # and as a second guard, a thread watches the parent's pid.
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(70)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="deferq-parent-watch", daemon=True).start()
+
+
+def child_main(modules: list[str], conn: Connection, parent_pid: int, log_level: int) -> None:
+    """Entry point of a slot's child process: run attempts sent by the worker, one at a time."""
+    # Ctrl-C reaches the whole process group; the worker decides when its children stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent_pid)
+    logging.basicConfig(level=log_level)
+    try:
+        import_modules(modules)
+    except BaseException as exc:
+        conn.send_bytes(json.dumps(["failed", f"{type(exc).__name__}: {exc}"]).encode())
+        return
+    conn.send_bytes(b'["ready"]')
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        function_name, arguments = json.loads(message)
+        conn.send_bytes(json.dumps(run_function(function_name, arguments, loop)).encode())

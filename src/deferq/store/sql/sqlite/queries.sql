@@ -1,0 +1,145 @@
+-- Named queries of the SQLite store. Times are integer microseconds since the epoch (UTC).
+
+-- name: insert_execution
+INSERT INTO deferq_executions (
+    id, function_name, state, arguments, metadata, created_at, scheduled_for, discard_after,
+    retry_policy, max_duration, cron_tick
+) VALUES (?, ?, 'created', ?, ?, ?, ?, ?, ?, ?, ?)
+
+-- name: insert_cron_execution
+INSERT INTO deferq_executions (
+    id, function_name, state, arguments, metadata, created_at, scheduled_for, discard_after,
+    retry_policy, max_duration, cron_tick
+) VALUES (?, ?, 'created', ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT DO NOTHING
+
+-- name: insert_metadata
+INSERT INTO deferq_metadata (execution_id, key, value) VALUES (?, ?, ?)
+
+-- name: get_execution
+SELECT * FROM deferq_executions WHERE id = ?
+
+-- name: list_attempts
+SELECT * FROM deferq_attempts WHERE execution_id = ? ORDER BY number
+
+-- name: cancel_created
+UPDATE deferq_executions
+SET state = 'cancelled', finished_at = ?, error_message = 'cancelled on request'
+WHERE id = ? AND state = 'created'
+
+-- name: abort_started
+UPDATE deferq_executions SET state = 'aborting' WHERE id = ? AND state = 'started'
+
+-- name: reschedule
+UPDATE deferq_executions SET scheduled_for = ? WHERE id = ? AND state = 'created'
+
+-- name: register_worker
+INSERT INTO deferq_workers (id, name, host, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?)
+
+-- name: heartbeat
+UPDATE deferq_workers SET heartbeat_at = ? WHERE id = ? AND lost_at IS NULL
+
+-- name: unregister_worker
+UPDATE deferq_workers SET stopped_at = ? WHERE id = ?
+
+-- name: due_any
+SELECT 1 FROM deferq_executions WHERE state = 'created' AND scheduled_for <= ? LIMIT 1
+
+-- name: next_due
+SELECT min(scheduled_for) FROM deferq_executions WHERE state = 'created'
+
+-- name: running_count
+SELECT count(*) FROM deferq_executions
+WHERE state IN ('started', 'aborting') AND function_name = ?
+
+-- name: start_execution
+UPDATE deferq_executions
+SET state = 'started', started_at = ?, attempts = attempts + 1, worker_id = ?
+WHERE id = ? AND state = 'created'
+RETURNING id, function_name, arguments, attempts, failed_attempts, retry_policy, max_duration,
+    discard_after
+
+-- name: insert_attempt
+INSERT INTO deferq_attempts (execution_id, number, worker_id, started_at, outcome)
+VALUES (?, ?, ?, ?, 'running')
+
+-- name: cancel_limited
+UPDATE deferq_executions
+SET state = 'cancelled', finished_at = ?, error_code = 'concurrency_limit',
+    error_message = ?
+WHERE id = ? AND state = 'created'
+
+-- name: finish_execution
+-- An execution being aborted ends aborted whatever the attempt did; a
+-- retry past discard_after is discarded instead.
+UPDATE deferq_executions
+SET state = CASE
+        WHEN state = 'aborting' THEN 'aborted'
+        WHEN :retry_at IS NULL THEN :state
+        WHEN discard_after IS NOT NULL AND :retry_at >= discard_after THEN 'discarded'
+        ELSE 'created' END,
+    scheduled_for = coalesce(:retry_at, scheduled_for),
+    finished_at = CASE
+        WHEN state = 'aborting' OR :retry_at IS NULL THEN :now
+        WHEN discard_after IS NOT NULL AND :retry_at >= discard_after THEN :now
+        ELSE NULL END,
+    result = :result,
+    error_code = CASE WHEN state = 'aborting' AND :error_code IS NULL THEN 'aborted'
+        ELSE :error_code END,
+    error_message = CASE WHEN state = 'aborting' AND :error_code IS NULL
+        THEN 'aborted on request' ELSE :error_message END,
+    failed_attempts = failed_attempts + :counts_as_failure,
+    worker_id = NULL
+WHERE id = :id AND attempts = :number AND state IN ('started', 'aborting')
+
+-- name: finish_attempt
+UPDATE deferq_attempts
+SET finished_at = :now, outcome = :outcome, error_code = :error_code,
+    error_message = :error_message, traceback = :traceback
+WHERE execution_id = :id AND number = :number AND outcome = 'running'
+
+-- name: aborting_executions
+SELECT id FROM deferq_executions WHERE worker_id = ? AND state = 'aborting'
+
+-- name: discard_expired
+UPDATE deferq_executions
+SET state = 'discarded', finished_at = ?,
+    error_message = 'not started before its discard_after'
+WHERE state = 'created' AND discard_after IS NOT NULL AND discard_after <= ?
+
+-- name: declare_lost_workers
+UPDATE deferq_workers SET lost_at = ?
+WHERE lost_at IS NULL AND stopped_at IS NULL AND heartbeat_at < ?
+RETURNING id
+
+-- name: running_of_worker
+SELECT e.id, e.function_name, e.arguments, e.attempts, e.failed_attempts, e.retry_policy,
+    e.max_duration, e.discard_after, e.started_at
+FROM deferq_executions e
+WHERE e.worker_id = ? AND e.state IN ('started', 'aborting')
+
+-- name: prune_finished
+DELETE FROM deferq_executions WHERE finished_at IS NOT NULL AND finished_at < ?
+RETURNING id
+
+-- name: upsert_schedule
+-- A changed expression or time zone starts the schedule afresh: no catch-up of the old one.
+INSERT INTO deferq_schedules (function_name, expression, timezone, first_seen, seen_at, next_tick)
+VALUES (:name, :expression, :timezone, :now, :now, :next_tick)
+ON CONFLICT (function_name) DO UPDATE SET
+    first_seen = CASE WHEN expression = :expression AND timezone = :timezone
+        THEN first_seen ELSE :now END,
+    last_tick = CASE WHEN expression = :expression AND timezone = :timezone
+        THEN last_tick ELSE NULL END,
+    expression = :expression,
+    timezone = :timezone,
+    seen_at = :now,
+    next_tick = :next_tick
+RETURNING first_seen, last_tick
+
+-- name: set_last_tick
+UPDATE deferq_schedules SET last_tick = max(coalesce(last_tick, 0), :tick), next_tick = :next_tick
+WHERE function_name = :name
+
+-- name: list_schedules
+SELECT * FROM deferq_schedules ORDER BY function_name

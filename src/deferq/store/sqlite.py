@@ -1,0 +1,645 @@
+"""The embedded store: one SQLite file in WAL mode, shared by every process on the machine.
+
+Every write runs in a `BEGIN IMMEDIATE` transaction, so writers queue on SQLite's lock (with a
+generous busy timeout) instead of failing with "database is locked" on a lock upgrade.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from deferq.errors import (
+    ConfigurationError,
+    ExecutionNotCancellable,
+    ExecutionNotFound,
+    ExecutionNotReschedulable,
+)
+from deferq.models import Attempt, AttemptOutcome, Execution, ExecutionState, Page, Schedule
+from deferq.store.base import (
+    AttemptReport,
+    ClaimedAttempt,
+    ExecutionQuery,
+    FunctionLimits,
+    NewExecution,
+    Store,
+    StoreUnavailable,
+    Watcher,
+    When,
+    load_migrations,
+    load_queries,
+)
+from deferq.store.listing import build_where, validate_query
+
+logger = logging.getLogger("deferq.store")
+
+Q = load_queries("sqlite")
+BUSY_TIMEOUT_MS = 60_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_us(instant: datetime) -> int:
+    """An aware datetime as integer microseconds since the epoch."""
+    if instant.tzinfo is None or instant.utcoffset() is None:
+        raise ValueError(f"expected an aware datetime, got naive {instant.isoformat()!r}")
+    delta = instant - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_us(value: int | None) -> datetime | None:
+    if value is None:
+        return None
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _when_us(when: When, now_us: int) -> int:
+    if isinstance(when, timedelta):
+        return now_us + (when // timedelta(microseconds=1))
+    return to_us(when)
+
+
+def path_from_url(url: str) -> str:
+    """`sqlite:///relative.db` or `sqlite:////absolute/path.db` to a file path."""
+    if not url.startswith("sqlite:///"):
+        raise ConfigurationError(
+            f"invalid SQLite store URL {url!r}: expected sqlite:///path/to/file.sqlite3"
+        )
+    path = url[len("sqlite:///") :].split("?", 1)[0]
+    if not path or path == ":memory:":
+        raise ConfigurationError(
+            f"invalid SQLite store URL {url!r}: the store must be a file that workers share"
+        )
+    return path
+
+
+class SQLiteStore(Store):
+    """A store in one SQLite file."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path = path_from_url(url)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._migrated = False
+
+    # Connections
+
+    def _connect(self) -> sqlite3.Connection:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1e3
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # Durable against a crash of the process; a power cut may lose the last commits.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if mode != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        return conn
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = self._connect()
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"cannot open SQLite store {self.path!r}: {exc}") from exc
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+            if not self._migrated:
+                self.migrate()
+        return conn
+
+    @contextmanager
+    def _write(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        conn = conn or self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._connections.clear()
+        self._local = threading.local()
+
+    def migrate(self) -> None:
+        conn = self.conn
+        if self._migrated:
+            return
+        migrations = load_migrations("sqlite")
+        latest = migrations[-1][0]
+        if conn.execute("PRAGMA user_version").fetchone()[0] < latest:
+            with self._write(conn):
+                current = conn.execute("PRAGMA user_version").fetchone()[0]
+                for number, name, sql in migrations:
+                    if number > current:
+                        logger.info(
+                            "Applying migration",
+                            extra={"action": "apply_migration", "migration": name},
+                        )
+                        for statement in _split_statements(sql):
+                            conn.execute(statement)
+                        conn.execute(f"PRAGMA user_version = {number}")
+        self._migrated = True
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    # Callers' side
+
+    def enqueue(self, items: Sequence[NewExecution], connection: Any = None) -> list[Execution]:
+        if connection is not None:
+            raise ConfigurationError(
+                "enqueueing in the caller's transaction needs the PostgreSQL store"
+            )
+        now = _now_us()
+        rows = []
+        meta_rows = []
+        executions = []
+        for item in items:
+            scheduled = _when_us(item.scheduled, now)
+            discard = None if item.discard is None else _when_us(item.discard, now)
+            rows.append(
+                (
+                    item.id,
+                    item.function_name,
+                    item.arguments,
+                    json.dumps(item.metadata, ensure_ascii=False) if item.metadata else None,
+                    now,
+                    scheduled,
+                    discard,
+                    item.retry_policy,
+                    item.max_duration,
+                    None if item.cron_tick is None else to_us(item.cron_tick),
+                )
+            )
+            meta_rows.extend((item.id, k, v) for k, v in item.metadata.items())
+            executions.append(_new_execution(item, now, scheduled, discard))
+        conn = self.conn
+        if len(rows) == 1 and not meta_rows:
+            # One statement commits on its own: the cheapest durable enqueue.
+            self._retrying(conn.execute, Q["insert_execution"], rows[0])
+        else:
+            with self._write(conn):
+                conn.executemany(Q["insert_execution"], rows)
+                if meta_rows:
+                    conn.executemany(Q["insert_metadata"], meta_rows)
+        return executions
+
+    def _retrying(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+
+    def sync_schedule(
+        self, function_name: str, expression: str, timezone: str, next_tick: datetime | None
+    ) -> tuple[datetime, datetime | None]:
+        params = {
+            "name": function_name,
+            "expression": expression,
+            "timezone": timezone,
+            "now": _now_us(),
+            "next_tick": None if next_tick is None else to_us(next_tick),
+        }
+        with self._write() as conn:
+            first_seen, last_tick = conn.execute(Q["upsert_schedule"], params).fetchone()
+        return from_us(first_seen), from_us(last_tick)  # type: ignore[return-value]
+
+    def insert_cron_execution(self, item: NewExecution, next_tick: datetime | None) -> bool:
+        assert item.cron_tick is not None
+        now = _now_us()
+        tick = to_us(item.cron_tick)
+        with self._write() as conn:
+            cursor = conn.execute(
+                Q["insert_cron_execution"],
+                (
+                    item.id,
+                    item.function_name,
+                    item.arguments,
+                    None,
+                    now,
+                    _when_us(item.scheduled, now),
+                    None if item.discard is None else _when_us(item.discard, now),
+                    item.retry_policy,
+                    item.max_duration,
+                    tick,
+                ),
+            )
+            conn.execute(
+                Q["set_last_tick"],
+                {
+                    "name": item.function_name,
+                    "tick": tick,
+                    "next_tick": None if next_tick is None else to_us(next_tick),
+                },
+            )
+            return cursor.rowcount == 1
+
+    def list_schedules(self) -> list[Schedule]:
+        return [
+            Schedule(
+                function_name=row["function_name"],
+                expression=row["expression"],
+                timezone=row["timezone"],
+                last_tick=from_us(row["last_tick"]),
+                next_tick=from_us(row["next_tick"]),
+                seen_at=from_us(row["seen_at"]),  # type: ignore[arg-type]
+            )
+            for row in self.conn.execute(Q["list_schedules"])
+        ]
+
+    def get_execution(self, execution_id: str) -> Execution | None:
+        row = self.conn.execute(Q["get_execution"], (execution_id,)).fetchone()
+        return None if row is None else _row_to_execution(row)
+
+    def get_result(self, execution_id: str) -> tuple[Execution, str | None] | None:
+        row = self.conn.execute(Q["get_execution"], (execution_id,)).fetchone()
+        return None if row is None else (_row_to_execution(row), row["result"])
+
+    def list_executions(self, query: ExecutionQuery) -> Page:
+        validate_query(query)
+        where, params = build_where(
+            query,
+            "?",
+            to_us,
+            lambda p, n: (
+                "EXISTS (SELECT 1 FROM deferq_metadata m WHERE m.execution_id = id"
+                f" AND m.key = {p} AND m.value IN ({', '.join([p] * n)}))"
+            ),
+        )
+        sql = f"SELECT * FROM deferq_executions WHERE {where} ORDER BY id DESC LIMIT ?"
+        rows = self.conn.execute(sql, [*params, query.first + 1]).fetchall()
+        items = [_row_to_execution(r) for r in rows[: query.first]]
+        next_cursor = items[-1].id if len(rows) > query.first else None
+        return Page(items=items, next_cursor=next_cursor)
+
+    def list_attempts(self, execution_id: str) -> list[Attempt]:
+        rows = self.conn.execute(Q["list_attempts"], (execution_id,)).fetchall()
+        return [_row_to_attempt(r) for r in rows]
+
+    def cancel_execution(self, execution_id: str, force: bool) -> Execution:
+        with self._write() as conn:
+            if conn.execute(Q["cancel_created"], (_now_us(), execution_id)).rowcount == 0 and force:
+                conn.execute(Q["abort_started"], (execution_id,))
+            row = conn.execute(Q["get_execution"], (execution_id,)).fetchone()
+        if row is None:
+            raise ExecutionNotFound(execution_id)
+        execution = _row_to_execution(row)
+        # A second cancel or abort of the same execution answers with it, changing nothing.
+        allowed = {ExecutionState.CANCELLED, ExecutionState.ABORTING} if force else {
+            ExecutionState.CANCELLED
+        }
+        if execution.state not in allowed:
+            raise ExecutionNotCancellable(execution)
+        return execution
+
+    def reschedule_execution(self, execution_id: str, when: When) -> Execution:
+        with self._write() as conn:
+            conn.execute(Q["reschedule"], (_when_us(when, _now_us()), execution_id))
+            row = conn.execute(Q["get_execution"], (execution_id,)).fetchone()
+        if row is None:
+            raise ExecutionNotFound(execution_id)
+        execution = _row_to_execution(row)
+        if execution.state != ExecutionState.CREATED:
+            raise ExecutionNotReschedulable(execution)
+        return execution
+
+    # Workers' side
+
+    def register_worker(self, worker_id: str, name: str, host: str, pid: int) -> None:
+        now = _now_us()
+        with self._write() as conn:
+            conn.execute(Q["register_worker"], (worker_id, name, host, pid, now, now))
+
+    def heartbeat(self, worker_id: str) -> bool:
+        with self._write() as conn:
+            return conn.execute(Q["heartbeat"], (_now_us(), worker_id)).rowcount == 1
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self._write() as conn:
+            conn.execute(Q["unregister_worker"], (_now_us(), worker_id))
+
+    def claim_due_executions(
+        self,
+        worker_id: str,
+        functions: Mapping[str, FunctionLimits],
+        limit: int,
+        horizon: timedelta = timedelta(0),
+    ) -> list[ClaimedAttempt]:
+        if limit <= 0 or not functions:
+            return []
+        conn = self.conn
+        horizon_us = horizon // timedelta(microseconds=1)
+        # A cheap read first: most polls of an idle store end here, without the write lock.
+        if conn.execute(Q["due_any"], (_now_us() + horizon_us,)).fetchone() is None:
+            return []
+        free = [name for name, f in functions.items() if f.concurrency is None]
+        limited = {name: f for name, f in functions.items() if f.concurrency is not None}
+        with self._write(conn):
+            now = _now_us()
+            due_before = now + horizon_us
+            ids: list[str] = []
+            if free:
+                marks = ", ".join("?" * len(free))
+                ids += [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT id FROM deferq_executions INDEXED BY deferq_executions_due"
+                        " WHERE state = 'created' AND scheduled_for <= ?"
+                        " AND (discard_after IS NULL OR discard_after > ?)"
+                        f" AND function_name IN ({marks}) ORDER BY scheduled_for, id LIMIT ?",
+                        (due_before, now, *free, limit),
+                    )
+                ]
+            for name, limits in limited.items():
+                ids += self._claimable_limited(conn, name, limits, now, due_before, limit - len(ids))
+            claimed = []
+            attempt_rows = []
+            for execution_id in ids[:limit]:
+                row = conn.execute(Q["start_execution"], (now, worker_id, execution_id)).fetchone()
+                claimed.append(
+                    ClaimedAttempt(
+                        execution_id=row[0],
+                        function_name=row[1],
+                        arguments=row[2],
+                        number=row[3],
+                        failed_attempts=row[4],
+                        retry_policy=row[5],
+                        max_duration=row[6],
+                        discard_after=from_us(row[7]),
+                        started_at=from_us(now),  # type: ignore[arg-type]
+                    )
+                )
+                attempt_rows.append((row[0], row[3], worker_id, now))
+            conn.executemany(Q["insert_attempt"], attempt_rows)
+        return claimed
+
+    def _claimable_limited(
+        self,
+        conn: sqlite3.Connection,
+        name: str,
+        limits: FunctionLimits,
+        now: int,
+        due_before: int,
+        room: int,
+    ) -> list[str]:
+        """Ids of due executions of a concurrency-limited function that fit its free slots;
+        with the "cancel" action, the due ones that do not fit are cancelled."""
+        assert limits.concurrency is not None
+        running = conn.execute(Q["running_count"], (name,)).fetchone()[0]
+        available = max(0, limits.concurrency - running)
+        take = min(available, room)
+        fetch = None if limits.cancel_when_limited else take
+        if fetch == 0:
+            return []
+        rows = conn.execute(
+            "SELECT id FROM deferq_executions INDEXED BY deferq_executions_due"
+            " WHERE state = 'created' AND scheduled_for <= ?"
+            " AND (discard_after IS NULL OR discard_after > ?) AND function_name = ?"
+            " ORDER BY scheduled_for, id" + ("" if fetch is None else " LIMIT ?"),
+            (due_before, now, name) + (() if fetch is None else (fetch,)),
+        ).fetchall()
+        ids = [r[0] for r in rows]
+        if limits.cancel_when_limited:
+            # Those beyond the free slots of the whole store are cancelled; those beyond this
+            # worker's room stay for other workers.
+            reason = f"concurrency limit of {limits.concurrency} reached"
+            conn.executemany(
+                Q["cancel_limited"], [(now, reason, i) for i in ids[available:]]
+            )
+        return ids[:take]
+
+    def record_attempt_reports(self, reports: Sequence[AttemptReport]) -> None:
+        if not reports:
+            return
+        with self._write() as conn:
+            now = _now_us()
+            execution_rows = []
+            attempt_rows = []
+            for report in reports:
+                execution_rows.append(_finish_params(report, now))
+                attempt_rows.append(
+                    {
+                        "now": now,
+                        "outcome": report.outcome.value,
+                        "error_code": report.error_code,
+                        "error_message": report.error_message,
+                        "traceback": report.traceback,
+                        "id": report.execution_id,
+                        "number": report.number,
+                    }
+                )
+            conn.executemany(Q["finish_execution"], execution_rows)
+            conn.executemany(Q["finish_attempt"], attempt_rows)
+
+    def aborting_executions(self, worker_id: str) -> list[str]:
+        return [r[0] for r in self.conn.execute(Q["aborting_executions"], (worker_id,))]
+
+    def discard_expired(self) -> int:
+        now = _now_us()
+        conn = self.conn
+        if (
+            conn.execute(
+                "SELECT 1 FROM deferq_executions INDEXED BY deferq_executions_discard"
+                " WHERE state = 'created' AND discard_after IS NOT NULL AND discard_after <= ?"
+                " LIMIT 1",
+                (now,),
+            ).fetchone()
+            is None
+        ):
+            return 0
+        with self._write(conn):
+            return conn.execute(Q["discard_expired"], (now, now)).rowcount
+
+    def declare_lost_workers(self, lost_after: timedelta) -> list[ClaimedAttempt]:
+        now = _now_us()
+        with self._write() as conn:
+            lost = [
+                r[0]
+                for r in conn.execute(
+                    Q["declare_lost_workers"], (now, now - lost_after // timedelta(microseconds=1))
+                ).fetchall()
+            ]
+            attempts = []
+            for worker_id in lost:
+                for row in conn.execute(Q["running_of_worker"], (worker_id,)).fetchall():
+                    attempts.append(
+                        ClaimedAttempt(
+                            execution_id=row[0],
+                            function_name=row[1],
+                            arguments=row[2],
+                            number=row[3],
+                            failed_attempts=row[4],
+                            retry_policy=row[5],
+                            max_duration=row[6],
+                            discard_after=from_us(row[7]),
+                            started_at=from_us(row[8]),  # type: ignore[arg-type]
+                        )
+                    )
+        if lost:
+            logger.warning(
+                "Declared workers lost",
+                extra={"action": "declare_workers_lost", "workers": lost, "attempts": len(attempts)},
+            )
+        return attempts
+
+    def next_due_in(self) -> timedelta | None:
+        value = self.conn.execute(Q["next_due"]).fetchone()[0]
+        if value is None:
+            return None
+        return timedelta(microseconds=max(0, value - _now_us()))
+
+    def prune_finished(self, older_than: timedelta) -> int:
+        cutoff = _now_us() - older_than // timedelta(microseconds=1)
+        with self._write() as conn:
+            ids = [r[0] for r in conn.execute(Q["prune_finished"], (cutoff,)).fetchall()]
+            conn.executemany(
+                "DELETE FROM deferq_attempts WHERE execution_id = ?", [(i,) for i in ids]
+            )
+            conn.executemany(
+                "DELETE FROM deferq_metadata WHERE execution_id = ?", [(i,) for i in ids]
+            )
+        return len(ids)
+
+    def watch(self) -> Watcher:
+        return _DataVersionWatcher(self)
+
+
+class _DataVersionWatcher(Watcher):
+    """Notices commits by other connections through `PRAGMA data_version`, which costs a few
+    microseconds to read, and wakes when the earliest scheduled execution becomes due."""
+
+    CHECK_EVERY = 0.004
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        self.conn = store._connect()
+        self.version = self._version()
+
+    def _version(self) -> int:
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def wait(self, timeout: float, wake: threading.Event) -> None:
+        end = time.monotonic() + timeout
+        next_due = self.store.next_due_in()
+        if next_due is not None:
+            end = min(end, time.monotonic() + next_due.total_seconds())
+        while not wake.is_set():
+            version = self._version()
+            if version != self.version:
+                self.version = version
+                return
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return
+            wake.wait(min(self.CHECK_EVERY, remaining))
+
+
+def _finish_params(report: AttemptReport, now: int) -> dict[str, Any]:
+    outcome = report.outcome
+    retry_at = None
+    if report.retry_in is not None:
+        retry_at = now + report.retry_in // timedelta(microseconds=1)
+    if outcome == AttemptOutcome.INTERRUPTED:
+        retry_at = now
+    state = {
+        AttemptOutcome.SUCCEEDED: "succeeded",
+        AttemptOutcome.FAILED: "failed",
+        AttemptOutcome.ABORTED: "aborted",
+        AttemptOutcome.INTERRUPTED: "created",
+    }[outcome]
+    return {
+        "now": now,
+        "retry_at": retry_at,
+        "state": state,
+        "result": report.result,
+        "error_code": report.error_code,
+        "error_message": report.error_message,
+        "counts_as_failure": 1 if outcome == AttemptOutcome.FAILED else 0,
+        "id": report.execution_id,
+        "number": report.number,
+    }
+
+
+def _new_execution(item: NewExecution, now: int, scheduled: int, discard: int | None) -> Execution:
+    return Execution(
+        id=item.id,
+        function_name=item.function_name,
+        state=ExecutionState.CREATED,
+        created_at=from_us(now),  # type: ignore[arg-type]
+        scheduled_for=from_us(scheduled),  # type: ignore[arg-type]
+        discard_after=from_us(discard),
+        metadata=dict(item.metadata),
+        arguments_json=item.arguments,
+        cron_tick=item.cron_tick,
+        max_duration=item.max_duration,
+        retry_policy_json=item.retry_policy,
+    )
+
+
+def _row_to_execution(row: sqlite3.Row) -> Execution:
+    return Execution(
+        id=row["id"],
+        function_name=row["function_name"],
+        state=ExecutionState(row["state"]),
+        created_at=from_us(row["created_at"]),  # type: ignore[arg-type]
+        scheduled_for=from_us(row["scheduled_for"]),  # type: ignore[arg-type]
+        discard_after=from_us(row["discard_after"]),
+        started_at=from_us(row["started_at"]),
+        finished_at=from_us(row["finished_at"]),
+        attempts=row["attempts"],
+        metadata=json.loads(row["metadata"]) if row["metadata"] else {},
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+        arguments_json=row["arguments"],
+        cron_tick=from_us(row["cron_tick"]),
+        max_duration=row["max_duration"],
+        retry_policy_json=row["retry_policy"],
+    )
+
+
+def _row_to_attempt(row: sqlite3.Row) -> Attempt:
+    return Attempt(
+        execution_id=row["execution_id"],
+        number=row["number"],
+        started_at=from_us(row["started_at"]),  # type: ignore[arg-type]
+        finished_at=from_us(row["finished_at"]),
+        worker=row["worker_id"],
+        outcome=AttemptOutcome(row["outcome"]),
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+        traceback=row["traceback"],
+    )
+
+
+def _split_statements(sql: str) -> list[str]:
+    """Split a migration file into statements. Comments are dropped first; our migrations
+    hold no ';' inside string literals."""
+    code = "\n".join(line.split("--", 1)[0] for line in sql.splitlines())
+    return [statement.strip() for statement in code.split(";") if statement.strip()]
