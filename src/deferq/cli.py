@@ -58,6 +58,12 @@ def _app(ctx: click.Context) -> App:
 @click.option("--heartbeat-interval", type=DURATION, default="2s")
 @click.option("--lost-after", type=DURATION, default="15s", help="Silence before a worker is lost")
 @click.option("--poll-interval", type=DURATION, default="1s", help="Longest idle wait")
+@click.option(
+    "--prefetch",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Attempts handed to each slot ahead of time (more throughput for short functions)",
+)
 @click.option("--name", help="A name for this worker in logs and attempts")
 @click.pass_context
 def worker(
@@ -68,6 +74,7 @@ def worker(
     heartbeat_interval: timedelta,
     lost_after: timedelta,
     poll_interval: timedelta,
+    prefetch: int,
     name: str | None,
 ) -> None:
     """Import MODULES and run due executions of their background functions."""
@@ -80,6 +87,7 @@ def worker(
             heartbeat_interval=heartbeat_interval,
             lost_after=lost_after,
             poll_interval=poll_interval,
+            prefetch=prefetch,
             name=name,
         )
         runner = Worker(modules, app=_app(ctx), settings=settings)
@@ -238,3 +246,7 @@ def _execution_dict(execution: Execution) -> dict[str, Any]:
         "error_message": execution.error_message,
         "arguments": execution.arguments,
     }
+
+
+if __name__ == "__main__":
+    main()

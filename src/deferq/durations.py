@@ -8,6 +8,7 @@ refuse bad input the same way: a `ValueError` that quotes it, never a silent "no
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,9 @@ DurationLike = timedelta | int | float | str
 
 WhenLike = DurationLike | datetime
 """What `parse_when` accepts: a duration from now, or an aware `datetime`."""
+
+MAX_TEXT_LENGTH = 100
+"""Longest duration string accepted; real ones are a few characters."""
 
 UNITS_HINT = "units: ms, s, min, h, d, w"
 
@@ -62,6 +66,11 @@ def parse_duration(value: DurationLike, *, name: str = "duration") -> timedelta:
             raise ValueError(f"invalid {name} {value!r}: a duration cannot be negative")
         return value
     if isinstance(value, str):
+        if len(value) > MAX_TEXT_LENGTH:
+            raise ValueError(
+                f"invalid {name} {value[:40]!r}...: {len(value)} characters, too long for a "
+                "duration"
+            )
         return _parse_text(value, name)
     if isinstance(value, bool):
         raise TypeError(f"invalid {name} {value!r}: a bool is not a duration")
@@ -126,6 +135,9 @@ def _from_seconds(seconds: float, shown: object, name: str) -> timedelta:
         raise ValueError(f"invalid {name} {shown!r}: too large for a duration") from None
 
 
+# The same few spellings come back on every call ("5min" in a decorator or a wrapper), and
+# timedelta is immutable, so answers are cached. Errors are not cached; they raise again.
+@functools.lru_cache(maxsize=512)
 def _parse_text(text: str, name: str) -> timedelta:
     if not text or text.isspace():
         raise ValueError(f"invalid {name} {text!r}: empty (write e.g. '90s', '5min', '1h30m')")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Mapping
+from typing import NoReturn
 
 MAX_METADATA_PAIRS = 25
 MAX_METADATA_LENGTH = 256
@@ -23,10 +24,9 @@ def validate_metadata(value: Mapping[str, str]) -> dict[str, str]:
     >>> validate_metadata({"user_id": "42", "flow": "sign-in"})
     {'user_id': '42', 'flow': 'sign-in'}
     """
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise TypeError(
-            f"metadata must be a mapping of str to str, not {type(value).__qualname__} "
-            f"{_quote(value)}"
+            f"metadata must be a mapping of str to str, not {type(value).__name__} {_quote(value)}"
         )
     if len(value) > MAX_METADATA_PAIRS:
         raise ValueError(
@@ -34,24 +34,30 @@ def validate_metadata(value: Mapping[str, str]) -> dict[str, str]:
         )
     checked: dict[str, str] = {}
     for key, item in value.items():
-        _check_text(key, f"metadata key {_quote(key)}")
-        _check_text(item, f"metadata value {_quote(item)} (key {_quote(key)})")
+        # Inline fast path; the helper below explains what is wrong.
+        if type(key) is not str or not 0 < len(key) <= MAX_METADATA_LENGTH:
+            _refuse(key, f"metadata key {_quote(key)}")
+        if not key.isprintable():
+            _check_characters(key, f"metadata key {_quote(key)}")
+        if type(item) is not str or not 0 < len(item) <= MAX_METADATA_LENGTH:
+            _refuse(item, f"metadata value {_quote(item)} of key {_quote(key)}")
+        if not item.isprintable():
+            _check_characters(item, f"metadata value {_quote(item)} of key {_quote(key)}")
         checked[key] = item
     return checked
 
 
-def _check_text(text: object, label: str) -> None:
+def _refuse(text: object, label: str) -> NoReturn:
     if type(text) is not str:
-        raise TypeError(f"{label} must be a str, not {type(text).__qualname__}")
-    if not 1 <= len(text) <= MAX_METADATA_LENGTH:
-        raise ValueError(
-            f"{label} has {len(text)} characters; keys and values must have 1 to "
-            f"{MAX_METADATA_LENGTH}"
-        )
-    # isprintable() is a fast first pass; it also refuses characters we allow (format
+        raise TypeError(f"{label} must be a str, not {type(text).__name__}")
+    raise ValueError(
+        f"{label} has {len(text)} characters; keys and values must have 1 to {MAX_METADATA_LENGTH}"
+    )
+
+
+def _check_characters(text: str, label: str) -> None:
+    # isprintable() is the fast first pass; it also refuses characters we allow (format
     # characters such as the emoji joiner, unusual spaces), so those get a closer look.
-    if text.isprintable():
-        return
     for position, char in enumerate(text):
         if unicodedata.category(char) in ("Cc", "Cs"):
             kind = "a lone surrogate" if "\ud800" <= char <= "\udfff" else "a control character"

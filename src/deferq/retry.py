@@ -61,8 +61,8 @@ class RetryPolicy:
     def delay_before_retry(self, n: int, rand: float | None = None) -> timedelta:
         """The wait before retry `n` (n >= 1), never negative and never overflowing.
 
-        `rand` in [0, 1) picks the point in the randomization spread (0.5 is the middle);
-        by default it comes from `random.random()`.
+        `rand` in [0, 1] picks the point in the randomization spread (0 the shortest wait,
+        0.5 the middle); by default it comes from `random.random()`.
         """
         if type(n) is not int or n < 1:
             raise ValueError(f"retry number must be an int of at least 1, got {n!r}")
@@ -88,7 +88,7 @@ class RetryPolicy:
         growth = (n - 1) * math.log(self.multiplier)
         if growth >= math.log(cap / initial):
             return cap
-        return min(cap, initial * math.exp(growth))
+        return min(cap, initial * self.multiplier ** (n - 1))  # below cap, so finite
 
     def _seconds(self, interval: DurationLike) -> float:
         # Fields accept any DurationLike but hold a timedelta once __post_init__ has run.

@@ -1,20 +1,22 @@
-"""The worker: a main loop that claims due executions, slots that run them in child
-processes, and named side tasks (recorder, heartbeat, abort watcher, rescuer, discarder,
-scheduler), supervised: if a side task dies, the worker stops loudly.
+"""The worker: a main loop that claims due executions and hands them to slots, plus named
+side tasks (heartbeat, abort watcher, rescuer, discarder, scheduler), supervised: if a side
+task dies, the worker stops loudly.
 
-Each slot owns one child process and runs one attempt at a time in it. Stopping an attempt
-(max duration, abort, end of the shutdown grace period) kills that child, which stops any
-code, including a sync call blocked in C or an async function that swallows cancellation,
-and a new child takes its place.
+Each slot owns one child process that runs one attempt at a time. The main loop alone talks
+to the children and to the store's hot path: one turn of the loop waits for any child to
+answer, stops attempts past their max duration or asked to abort, then records finished
+attempts and claims new ones in a single transaction. Stopping an attempt kills its child,
+which stops any code, a sync call blocked in C or an async function that swallows
+cancellation included; a fresh child takes its place.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import multiprocessing
 import os
-import queue
 import signal
 import socket
 import threading
@@ -22,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from multiprocessing.connection import wait as wait_for_any
 from typing import Any
 
 from deferq.app import App, default_app
@@ -46,11 +49,14 @@ class WorkerSettings:
         lost_after: timedelta = timedelta(seconds=15),
         poll_interval: timedelta = timedelta(seconds=1),
         abort_check_interval: timedelta = timedelta(milliseconds=250),
+        prefetch: int = 1,
         name: str | None = None,
     ) -> None:
-        self.slots = slots or max(2, os.cpu_count() or 2)
-        if self.slots < 1:
-            raise ValueError(f"slots must be at least 1, not {slots!r}")
+        self.slots = slots if slots is not None else max(2, os.cpu_count() or 2)
+        if type(self.slots) is not int or self.slots < 1:
+            raise ValueError(f"slots must be a positive integer, not {slots!r}")
+        if type(prefetch) is not int or prefetch < 1:
+            raise ValueError(f"prefetch must be a positive integer, not {prefetch!r}")
         if lost_after <= heartbeat_interval * 2:
             raise ValueError(
                 f"lost_after ({lost_after}) must be more than twice the heartbeat interval "
@@ -61,94 +67,55 @@ class WorkerSettings:
         self.lost_after = lost_after
         self.poll_interval = poll_interval
         self.abort_check_interval = abort_check_interval
+        self.prefetch = prefetch
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Slot:
-    """One child process and the thread that feeds it attempts and watches their time."""
+    """One child process and the attempts sent to it, the first of which is running."""
 
-    def __init__(self, index: int, worker: Worker) -> None:
+    def __init__(self, index: int, modules: list[str]) -> None:
         self.index = index
-        self.worker = worker
-        self.inbox: queue.Queue[ClaimedAttempt | None] = queue.Queue(maxsize=1)
-        self.current: ClaimedAttempt | None = None
-        self.abort_requested = False
-        self.kill_requested = False
+        self.modules = modules
         self.process: Any = None
         self.conn: Any = None
-        self.thread = threading.Thread(target=self._loop, name=f"deferq-slot-{index}", daemon=True)
+        self.ready = False
+        self.sent: collections.deque[ClaimedAttempt] = collections.deque()
+        self.head_started = 0.0
 
     def start_child(self) -> None:
         parent_conn, child_conn = _spawn.Pipe()
-        process = _spawn.Process(
+        self.process = _spawn.Process(
             target=child_main,
-            args=(self.worker.modules, child_conn, os.getpid(), logging.getLogger().level),
+            args=(self.modules, child_conn, os.getpid(), logging.getLogger().level),
             name=f"deferq-slot-{self.index}",
             daemon=True,
         )
-        process.start()
+        self.process.start()
         child_conn.close()
-        self.process, self.conn = process, parent_conn
+        self.conn = parent_conn
+        self.ready = False
 
-    def wait_ready(self) -> None:
-        status = json.loads(self.conn.recv_bytes())
-        if status[0] != "ready":
-            raise RuntimeError(f"a slot's child process could not import the modules: {status[1]}")
+    def send(self, claimed: ClaimedAttempt) -> None:
+        if not self.sent:
+            self.head_started = time.monotonic()
+        self.sent.append(claimed)
+        self.conn.send_bytes(json.dumps([claimed.function_name, claimed.arguments]).encode())
 
-    def stop_child(self) -> None:
-        if self.process is not None and self.process.is_alive():
-            self.process.kill()
+    def deadline(self) -> float | None:
+        if not self.sent:
+            return None
+        return self.head_started + self.sent[0].max_duration
+
+    def kill(self) -> None:
+        """Stop the child and wait until it is gone: its attempt has really ended."""
         if self.process is not None:
+            if self.process.is_alive():
+                self.process.kill()
             self.process.join()
             self.conn.close()
-        self.process = None
-
-    def _loop(self) -> None:
-        while True:
-            claimed = self.inbox.get()
-            if claimed is None:
-                return
-            self.current = claimed
-            self.abort_requested = False
-            try:
-                attempt_report = self._run(claimed)
-            finally:
-                self.current = None
-            self.worker.finished(self, claimed, attempt_report)
-
-    def _run(self, claimed: ClaimedAttempt) -> AttemptReport:
-        if self.process is None:
-            self.start_child()
-            self.wait_ready()
-        self.worker.log_started(claimed)
-        self.conn.send_bytes(json.dumps([claimed.function_name, claimed.arguments]).encode())
-        deadline = time.monotonic() + claimed.max_duration
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                if self.conn.poll(min(0.05, max(remaining, 0))):
-                    return report(claimed, json.loads(self.conn.recv_bytes()))
-            except (EOFError, OSError):
-                code = self.process.exitcode if self.process else None
-                self.stop_child()
-                return failure(
-                    claimed,
-                    ErrorCode.WORKER_LOST.value,
-                    f"the process running the attempt exited (exit code {code})",
-                )
-            if self.abort_requested:
-                self.stop_child()
-                return failure(claimed, ErrorCode.ABORTED.value, "aborted on request")
-            if self.kill_requested:
-                self.stop_child()
-                return interrupted(claimed)
-            if remaining <= 0:
-                self.stop_child()
-                return failure(
-                    claimed,
-                    ErrorCode.TIMEOUT.value,
-                    f"stopped after its max_duration of {claimed.max_duration:g}s",
-                )
+        self.process = self.conn = None
+        self.ready = False
 
 
 class Worker:
@@ -175,15 +142,17 @@ class Worker:
         }
         self.cron_functions = [f for f in chosen if f.cron is not None]
         self.id = str(uuid.uuid4())
+        self.slots = [Slot(i, self.modules) for i in range(self.settings.slots)]
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self.fatal: str | None = None
-        self._wake = threading.Event()
-        self._idle: queue.Queue[Slot] = queue.Queue()
-        self._reports: queue.Queue[AttemptReport] = queue.Queue()
-        self._running = 0
-        self._running_lock = threading.Lock()
-        self.slots = [Slot(i, self) for i in range(self.settings.slots)]
+        self.aborting: set[str] = set()
+        self.running_count = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._reports: list[AttemptReport] = []
+        self._lock = threading.Lock()
 
     # Lifecycle
 
@@ -196,9 +165,7 @@ class Worker:
         for slot in self.slots:
             slot.start_child()
         for slot in self.slots:
-            slot.wait_ready()
-            slot.thread.start()
-            self._idle.put(slot)
+            self._await_ready(slot)
         store.register_worker(self.id, self.settings.name, socket.gethostname(), os.getpid())
         logger.info(
             "Worker started",
@@ -217,7 +184,8 @@ class Worker:
             self._shutdown(side_tasks)
         if self.fatal:
             logger.error(
-                "Worker stopped by a failure", extra={"action": "worker_failed", "error": self.fatal}
+                "Worker stopped by a failure",
+                extra={"action": "worker_failed", "worker": self.id, "error": self.fatal},
             )
             return 1
         logger.info("Worker stopped", extra={"action": "stop_worker", "worker": self.id})
@@ -226,13 +194,19 @@ class Worker:
     def stop(self) -> None:
         """Stop claiming; running attempts get the grace period to finish."""
         self.stopping.set()
-        self._wake.set()
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the main loop take a turn now (safe from threads and signal handlers)."""
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
 
     def install_signal_handlers(self) -> None:
         def handle(signum: int, frame: Any) -> None:
             if self.stopping.is_set():
-                # A second signal: no more grace.
-                self.settings.grace = timedelta(0)
+                self.settings.grace = timedelta(0)  # a second signal: no more grace
             logger.info(
                 "Stopping on signal",
                 extra={"action": "stop_requested", "signal": signal.Signals(signum).name},
@@ -242,52 +216,199 @@ class Worker:
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
 
+    def _await_ready(self, slot: Slot) -> None:
+        status = json.loads(slot.conn.recv_bytes())
+        if status[0] != "ready":
+            raise RuntimeError(f"a slot's child process could not import the modules: {status[1]}")
+        slot.ready = True
+
     # The main loop
 
     def _main_loop(self) -> None:
         store = self.app.store
         watcher = store.watch()
-        while not self.stopping.is_set():
-            free = self._idle.qsize()
-            if free:
-                try:
-                    claimed = store.claim_due_executions(self.id, self.functions, free)
-                except StoreUnavailable as exc:
-                    logger.warning(
-                        "Store unavailable", extra={"action": "store_unavailable", "error": str(exc)}
+        capacity_per_slot = self.settings.prefetch
+        maybe_due = True
+        next_check = 0.0
+        grace_end: float | None = None
+        try:
+            while True:
+                now = time.monotonic()
+                if self.stopping.is_set() and grace_end is None:
+                    grace_end = now + self.settings.grace.total_seconds()
+                if grace_end is not None:
+                    grace_end = min(grace_end, now + self.settings.grace.total_seconds())
+                    if not self.running_count and not self._reports:
+                        return
+                    if now >= grace_end:
+                        self._stop_all_attempts()
+                        self._flush_reports()
+                        return
+
+                self._enforce_limits(now)
+                free = 0
+                if grace_end is None:
+                    free = sum(
+                        capacity_per_slot - len(s.sent) for s in self.slots if s.ready
                     )
-                    self.stopping.wait(1.0)
-                    continue
-                for attempt in claimed:
-                    self._dispatch(attempt)
-                if claimed and len(claimed) == free:
-                    continue
-            self._wake.clear()
-            if not self._idle.qsize():
-                self._wake.wait(self.settings.poll_interval.total_seconds())
+                    if watcher.poll_interval is None and watcher.fileno() is None:
+                        maybe_due = maybe_due or now >= next_check
+                    elif now >= next_check and watcher.changed():
+                        maybe_due = True
+                if self._reports or (free and maybe_due):
+                    claimed = self._record_and_claim(free if maybe_due else 0)
+                    if free and len(claimed) < free:
+                        maybe_due = False
+                        next_check = now + self._idle_wait(store, watcher)
+                    self._dispatch(claimed)
+                    if claimed and len(claimed) == free:
+                        continue
+
+                self._wait(now, next_check if free else None, watcher)
+        finally:
+            watcher.close()
+
+    def _idle_wait(self, store: Any, watcher: Any) -> float:
+        """Seconds until the next look at the store when nothing was due."""
+        wait = self.settings.poll_interval.total_seconds()
+        if watcher.poll_interval is not None:
+            wait = watcher.poll_interval
+        else:
+            due_in = store.next_due_in()
+            if due_in is not None:
+                wait = min(wait, due_in.total_seconds())
+        return wait
+
+    def _record_and_claim(self, limit: int) -> list[ClaimedAttempt]:
+        with self._lock:
+            reports, self._reports = self._reports, []
+        try:
+            return self.app.store.record_and_claim(reports, self.id, self.functions, limit)
+        except StoreUnavailable as exc:
+            with self._lock:
+                self._reports[:0] = reports  # kept for the next turn: nothing is lost
+            logger.warning(
+                "Store unavailable", extra={"action": "store_unavailable", "error": str(exc)}
+            )
+            self.stopping.wait(0.5)
+            return []
+
+    def _dispatch(self, claimed: list[ClaimedAttempt]) -> None:
+        for attempt in claimed:
+            slot = min((s for s in self.slots if s.ready), key=lambda s: len(s.sent))
+            self.running_count += 1
+            slot.send(attempt)
+            self.log_started(attempt)
+
+    def _wait(self, now: float, next_check: float | None, watcher: Any) -> None:
+        """Block until a child answers, the loop is woken, a deadline passes, or it is time
+        to look at the store again."""
+        timeout = 1.0
+        for slot in self.slots:
+            deadline = slot.deadline()
+            if deadline is not None:
+                timeout = min(timeout, deadline - now)
+        if next_check is not None:
+            timeout = min(timeout, next_check - now)
+        if self.running_count:
+            timeout = min(timeout, 0.05)  # aborts and shutdown are noticed promptly
+        waitables: list[Any] = [self._wake_r]
+        watched = watcher.fileno()
+        if watched is not None and next_check is not None:
+            waitables.append(watched)
+        waitables += [s.conn for s in self.slots if s.conn is not None]
+        for ready in wait_for_any(waitables, max(0.0, timeout)):
+            if ready == self._wake_r:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            elif ready == watched:
+                pass  # the watcher reports the news on the next turn
             else:
-                watcher.wait(self.settings.poll_interval.total_seconds(), self._wake)
+                self._receive(next(s for s in self.slots if s.conn is ready))
 
-    def _dispatch(self, claimed: ClaimedAttempt) -> None:
-        slot = self._idle.get_nowait()
-        with self._running_lock:
-            self._running += 1
-        slot.inbox.put(claimed)
+    def _receive(self, slot: Slot) -> None:
+        try:
+            while slot.conn.poll():
+                message = json.loads(slot.conn.recv_bytes())
+                if not slot.ready:
+                    if message[0] != "ready":
+                        raise RuntimeError(f"a slot's child could not start: {message[1]}")
+                    slot.ready = True
+                    continue
+                claimed = slot.sent.popleft()
+                slot.head_started = time.monotonic()
+                self._finish(claimed, report(claimed, message))
+        except (EOFError, OSError):
+            code = slot.process.exitcode if slot.process is not None else None
+            self._stop_slot(
+                slot,
+                lambda c: failure(
+                    c,
+                    ErrorCode.WORKER_LOST.value,
+                    f"the process running the attempt exited (exit code {code})",
+                ),
+            )
 
-    def finished(self, slot: Slot, claimed: ClaimedAttempt, attempt_report: AttemptReport) -> None:
-        """Called by a slot when its attempt has ended and its child is ready or gone."""
-        self._reports.put(attempt_report)
+    def _enforce_limits(self, now: float) -> None:
+        """Stop attempts past their max duration, and those asked to abort."""
+        aborting = self.aborting
+        for slot in self.slots:
+            if not slot.sent:
+                continue
+            head = slot.sent[0]
+            if head.execution_id in aborting:
+                self._stop_slot(
+                    slot, lambda c: failure(c, ErrorCode.ABORTED.value, "aborted on request")
+                )
+            elif now >= slot.head_started + head.max_duration:
+                self._stop_slot(
+                    slot,
+                    lambda c: failure(
+                        c,
+                        ErrorCode.TIMEOUT.value,
+                        f"stopped after its max_duration of {c.max_duration:g}s",
+                    ),
+                )
+
+    def _stop_slot(self, slot: Slot, head_report: Callable[[ClaimedAttempt], AttemptReport]) -> None:
+        """Kill a slot's child; its running attempt ends with `head_report`, attempts queued
+        behind it never started and go back to `created` without using a retry."""
+        slot.kill()
+        sent = list(slot.sent)
+        slot.sent.clear()
+        for index, claimed in enumerate(sent):
+            self._finish(claimed, head_report(claimed) if index == 0 else interrupted(claimed))
+        if not self.stopping.is_set():
+            slot.start_child()
+
+    def _stop_all_attempts(self) -> None:
+        busy = [s for s in self.slots if s.sent]
+        if busy:
+            logger.warning(
+                "Grace period over: stopping running attempts",
+                extra={"action": "interrupt_attempts", "count": self.running_count},
+            )
+        for slot in busy:
+            self._stop_slot(slot, interrupted)
+
+    def _finish(self, claimed: ClaimedAttempt, attempt_report: AttemptReport) -> None:
+        self.running_count -= 1
+        with self._lock:
+            self._reports.append(attempt_report)
         self.log_finished(claimed, attempt_report)
-        with self._running_lock:
-            self._running -= 1
-        self._idle.put(slot)
-        self._wake.set()
+
+    def _flush_reports(self) -> None:
+        for _ in range(20):
+            if not self._reports:
+                return
+            self._record_and_claim(0)
 
     # Side tasks
 
     def _start_side_tasks(self) -> list[threading.Thread]:
         tasks: list[tuple[str, Callable[[], None], timedelta]] = [
-            ("recorder", self._record_reports, timedelta(0)),
             ("heartbeat", self._heartbeat, self.settings.heartbeat_interval),
             ("abort_watcher", self._watch_aborts, self.settings.abort_check_interval),
             ("rescuer", self._rescue_lost_attempts, self.settings.lost_after / 3),
@@ -328,21 +449,7 @@ class Worker:
                 )
                 self.stop()
                 return
-            if seconds:
-                self.stopped.wait(seconds)
-
-    def _record_reports(self) -> None:
-        try:
-            batch = [self._reports.get(timeout=0.1)]
-        except queue.Empty:
-            return
-        batch += _drain(self._reports, limit=1000)
-        try:
-            self.app.store.record_attempt_reports(batch)
-        except BaseException:
-            for item in batch:  # kept, to be stored on the next step or at shutdown
-                self._reports.put(item)
-            raise
+            self.stopped.wait(seconds)
 
     def _heartbeat(self) -> None:
         if not self.app.store.heartbeat(self.id):
@@ -352,18 +459,18 @@ class Worker:
             )
 
     def _watch_aborts(self) -> None:
-        if not self._running:
+        if not self.running_count:
             return
         aborting = set(self.app.store.aborting_executions(self.id))
-        if not aborting:
-            return
-        for slot in self.slots:
-            current = slot.current
-            if current is not None and current.execution_id in aborting:
-                slot.abort_requested = True
+        if aborting != self.aborting:
+            self.aborting = aborting
+            if aborting:
+                self.wake()
 
     def _rescue_lost_attempts(self) -> None:
         lost = self.app.store.declare_lost_workers(self.settings.lost_after)
+        if not lost:
+            return
         reports = [
             failure(
                 claimed,
@@ -395,35 +502,24 @@ class Worker:
     # Shutdown
 
     def _shutdown(self, side_tasks: list[threading.Thread]) -> None:
-        deadline = time.monotonic() + self.settings.grace.total_seconds()
-        while self._running and time.monotonic() < deadline:
-            self._wake.clear()
-            self._wake.wait(min(0.05, max(0.0, deadline - time.monotonic())))
-            deadline = min(deadline, time.monotonic() + self.settings.grace.total_seconds())
-        if self._running:
-            logger.warning(
-                "Grace period over: stopping running attempts",
-                extra={"action": "interrupt_attempts", "count": self._running},
-            )
+        self._stop_all_attempts()
+        self._flush_reports()
         for slot in self.slots:
-            slot.kill_requested = True
-        for slot in self.slots:
-            slot.inbox.put(None)
-        for slot in self.slots:
-            slot.thread.join()
-            slot.stop_child()
+            slot.kill()
         self.stopped.set()
         for thread in side_tasks:
             thread.join(timeout=5)
         try:
-            leftover = _drain(self._reports)
-            self.app.store.record_attempt_reports(leftover)
+            self.app.store.record_attempt_reports(self._reports)
+            self._reports = []
             self.app.store.unregister_worker(self.id)
         except StoreUnavailable as exc:
             logger.error(
-                "Could not record the last reports",
+                "Could not store the last attempt reports",
                 extra={"action": "store_unavailable", "error": str(exc)},
             )
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     # Logs
 
@@ -446,7 +542,7 @@ class Worker:
         level = logging.ERROR if final_failure else logging.INFO
         if not logger.isEnabledFor(level):
             return
-        extra = {
+        extra: dict[str, Any] = {
             "action": f"attempt_{outcome.value}",
             "execution": claimed.execution_id,
             "function": claimed.function_name,
@@ -459,13 +555,3 @@ class Worker:
         if attempt_report.retry_in is not None:
             extra["retry_in"] = attempt_report.retry_in.total_seconds()
         logger.log(level, f"Attempt {outcome.value}", extra=extra)
-
-
-def _drain(q: queue.Queue[Any], limit: int = 1_000_000) -> list[Any]:
-    items: list[Any] = []
-    while len(items) < limit:
-        try:
-            items.append(q.get_nowait())
-        except queue.Empty:
-            break
-    return items

@@ -186,6 +186,19 @@ class Store(abc.ABC):
         """Store how attempts ended, in one transaction. A report for an attempt that is no
         longer the execution's running attempt (taken over as lost) is ignored."""
 
+    def record_and_claim(
+        self,
+        reports: Sequence[AttemptReport],
+        worker_id: str,
+        functions: Mapping[str, FunctionLimits],
+        limit: int,
+        horizon: timedelta = timedelta(0),
+    ) -> list[ClaimedAttempt]:
+        """Record finished attempts, then claim new ones. Stores that can do both in one
+        transaction override this; the worker's main loop calls it once per turn."""
+        self.record_attempt_reports(reports)
+        return self.claim_due_executions(worker_id, functions, limit, horizon)
+
     @abc.abstractmethod
     def aborting_executions(self, worker_id: str) -> list[str]:
         """Ids of this worker's executions that were asked to abort."""
@@ -212,11 +225,24 @@ class Store(abc.ABC):
 
 
 class Watcher:
-    """Waits until work may be due. This fallback just sleeps: the worker then polls."""
+    """Tells the worker's main loop that work may have arrived.
 
-    def wait(self, timeout: float, wake: threading.Event) -> None:
-        """Return after `timeout` seconds, when `wake` is set, or when the store changed."""
-        wake.wait(timeout)
+    Either it has a file descriptor that becomes readable on news (`fileno()`, e.g. a
+    PostgreSQL LISTEN connection), or the loop calls `changed()` every `poll_interval`
+    seconds. This fallback has neither: the loop then tries to claim every poll interval.
+    """
+
+    poll_interval: float | None = None
+
+    def fileno(self) -> int | None:
+        return None
+
+    def changed(self) -> bool:
+        """Consume pending news; True if work may have arrived since the last call."""
+        return False
+
+    def close(self) -> None:
+        """Release what the watcher holds."""
 
 
 SQL_DIR = Path(__file__).parent / "sql"

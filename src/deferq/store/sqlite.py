@@ -352,52 +352,83 @@ class SQLiteStore(Store):
         limit: int,
         horizon: timedelta = timedelta(0),
     ) -> list[ClaimedAttempt]:
-        if limit <= 0 or not functions:
-            return []
+        return self.record_and_claim((), worker_id, functions, limit, horizon)
+
+    def record_and_claim(
+        self,
+        reports: Sequence[AttemptReport],
+        worker_id: str,
+        functions: Mapping[str, FunctionLimits],
+        limit: int,
+        horizon: timedelta = timedelta(0),
+    ) -> list[ClaimedAttempt]:
+        """Record finished attempts and claim new ones in one transaction: a busy worker
+        pays for one commit per turn of its loop."""
         conn = self.conn
         horizon_us = horizon // timedelta(microseconds=1)
-        # A cheap read first: most polls of an idle store end here, without the write lock.
-        if conn.execute(Q["due_any"], (_now_us() + horizon_us,)).fetchone() is None:
+        if limit <= 0 or not functions:
+            limit = 0
+        elif conn.execute(Q["due_any"], (_now_us() + horizon_us,)).fetchone() is None:
+            # A cheap read first: most polls of an idle store end here, without the write lock.
+            limit = 0
+        if not reports and not limit:
             return []
-        free = [name for name, f in functions.items() if f.concurrency is None]
-        limited = {name: f for name, f in functions.items() if f.concurrency is not None}
         with self._write(conn):
             now = _now_us()
-            due_before = now + horizon_us
-            ids: list[str] = []
-            if free:
-                marks = ", ".join("?" * len(free))
-                ids += [
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT id FROM deferq_executions INDEXED BY deferq_executions_due"
-                        " WHERE state = 'created' AND scheduled_for <= ?"
-                        " AND (discard_after IS NULL OR discard_after > ?)"
-                        f" AND function_name IN ({marks}) ORDER BY scheduled_for, id LIMIT ?",
-                        (due_before, now, *free, limit),
-                    )
-                ]
-            for name, limits in limited.items():
-                ids += self._claimable_limited(conn, name, limits, now, due_before, limit - len(ids))
-            claimed = []
-            attempt_rows = []
-            for execution_id in ids[:limit]:
-                row = conn.execute(Q["start_execution"], (now, worker_id, execution_id)).fetchone()
-                claimed.append(
-                    ClaimedAttempt(
-                        execution_id=row[0],
-                        function_name=row[1],
-                        arguments=row[2],
-                        number=row[3],
-                        failed_attempts=row[4],
-                        retry_policy=row[5],
-                        max_duration=row[6],
-                        discard_after=from_us(row[7]),
-                        started_at=from_us(now),  # type: ignore[arg-type]
-                    )
+            if reports:
+                self._record(conn, reports, now)
+            if not limit:
+                return []
+            return self._claim(conn, worker_id, functions, limit, now, now + horizon_us)
+
+    def _claim(
+        self,
+        conn: sqlite3.Connection,
+        worker_id: str,
+        functions: Mapping[str, FunctionLimits],
+        limit: int,
+        now: int,
+        due_before: int,
+    ) -> list[ClaimedAttempt]:
+        free = [name for name, f in functions.items() if f.concurrency is None]
+        limited = {name: f for name, f in functions.items() if f.concurrency is not None}
+        ids: list[str] = []
+        if free:
+            marks = ", ".join("?" * len(free))
+            ids += [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM deferq_executions INDEXED BY deferq_executions_due"
+                    " WHERE state = 'created' AND scheduled_for <= ?"
+                    " AND (discard_after IS NULL OR discard_after > ?)"
+                    f" AND function_name IN ({marks}) ORDER BY scheduled_for, id LIMIT ?",
+                    (due_before, now, *free, limit),
                 )
-                attempt_rows.append((row[0], row[3], worker_id, now))
-            conn.executemany(Q["insert_attempt"], attempt_rows)
+            ]
+        for name, limits in limited.items():
+            if len(ids) >= limit:
+                break
+            ids += self._claimable_limited(conn, name, limits, now, due_before, limit - len(ids))
+        if not ids:
+            return []
+        rows = conn.execute(Q["start_executions"], (now, worker_id, json.dumps(ids))).fetchall()
+        rows.sort(key=lambda r: (r[8], r[0]))
+        started_at = from_us(now)
+        claimed = [
+            ClaimedAttempt(
+                execution_id=r[0],
+                function_name=r[1],
+                arguments=r[2],
+                number=r[3],
+                failed_attempts=r[4],
+                retry_policy=r[5],
+                max_duration=r[6],
+                discard_after=from_us(r[7]),
+                started_at=started_at,  # type: ignore[arg-type]
+            )
+            for r in rows
+        ]
+        conn.executemany(Q["insert_attempt"], [(c.execution_id, c.number, worker_id, now) for c in claimed])
         return claimed
 
     def _claimable_limited(
@@ -436,27 +467,29 @@ class SQLiteStore(Store):
         return ids[:take]
 
     def record_attempt_reports(self, reports: Sequence[AttemptReport]) -> None:
-        if not reports:
-            return
-        with self._write() as conn:
-            now = _now_us()
-            execution_rows = []
-            attempt_rows = []
-            for report in reports:
-                execution_rows.append(_finish_params(report, now))
-                attempt_rows.append(
-                    {
-                        "now": now,
-                        "outcome": report.outcome.value,
-                        "error_code": report.error_code,
-                        "error_message": report.error_message,
-                        "traceback": report.traceback,
-                        "id": report.execution_id,
-                        "number": report.number,
-                    }
+        if reports:
+            with self._write() as conn:
+                self._record(conn, reports, _now_us())
+
+    def _record(
+        self, conn: sqlite3.Connection, reports: Sequence[AttemptReport], now: int
+    ) -> None:
+        conn.executemany(Q["finish_execution"], [_finish_params(r, now) for r in reports])
+        conn.executemany(
+            Q["finish_attempt"],
+            [
+                (
+                    now,
+                    r.outcome.value,
+                    r.error_code,
+                    r.error_message,
+                    r.traceback,
+                    r.execution_id,
+                    r.number,
                 )
-            conn.executemany(Q["finish_execution"], execution_rows)
-            conn.executemany(Q["finish_attempt"], attempt_rows)
+                for r in reports
+            ],
+        )
 
     def aborting_executions(self, worker_id: str) -> list[str]:
         return [r[0] for r in self.conn.execute(Q["aborting_executions"], (worker_id,))]
@@ -533,32 +566,26 @@ class SQLiteStore(Store):
 
 class _DataVersionWatcher(Watcher):
     """Notices commits by other connections through `PRAGMA data_version`, which costs a few
-    microseconds to read, and wakes when the earliest scheduled execution becomes due."""
+    microseconds to read: cheap enough to check every few milliseconds."""
 
-    CHECK_EVERY = 0.004
+    poll_interval = 0.005
 
     def __init__(self, store: SQLiteStore) -> None:
-        self.store = store
         self.conn = store._connect()
         self.version = self._version()
 
     def _version(self) -> int:
-        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
 
-    def wait(self, timeout: float, wake: threading.Event) -> None:
-        end = time.monotonic() + timeout
-        next_due = self.store.next_due_in()
-        if next_due is not None:
-            end = min(end, time.monotonic() + next_due.total_seconds())
-        while not wake.is_set():
-            version = self._version()
-            if version != self.version:
-                self.version = version
-                return
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                return
-            wake.wait(min(self.CHECK_EVERY, remaining))
+    def changed(self) -> bool:
+        version = self._version()
+        if version == self.version:
+            return False
+        self.version = version
+        return True
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def _finish_params(report: AttemptReport, now: int) -> dict[str, Any]:

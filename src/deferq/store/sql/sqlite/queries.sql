@@ -52,12 +52,13 @@ SELECT min(scheduled_for) FROM deferq_executions WHERE state = 'created'
 SELECT count(*) FROM deferq_executions
 WHERE state IN ('started', 'aborting') AND function_name = ?
 
--- name: start_execution
+-- name: start_executions
+-- Takes the ids (a JSON array) chosen by the claim; RETURNING order is arbitrary.
 UPDATE deferq_executions
 SET state = 'started', started_at = ?, attempts = attempts + 1, worker_id = ?
-WHERE id = ? AND state = 'created'
+WHERE id IN (SELECT value FROM json_each(?)) AND state = 'created'
 RETURNING id, function_name, arguments, attempts, failed_attempts, retry_policy, max_duration,
-    discard_after
+    discard_after, scheduled_for
 
 -- name: insert_attempt
 INSERT INTO deferq_attempts (execution_id, number, worker_id, started_at, outcome)
@@ -94,9 +95,8 @@ WHERE id = :id AND attempts = :number AND state IN ('started', 'aborting')
 
 -- name: finish_attempt
 UPDATE deferq_attempts
-SET finished_at = :now, outcome = :outcome, error_code = :error_code,
-    error_message = :error_message, traceback = :traceback
-WHERE execution_id = :id AND number = :number AND outcome = 'running'
+SET finished_at = ?, outcome = ?, error_code = ?, error_message = ?, traceback = ?
+WHERE execution_id = ? AND number = ? AND outcome = 'running'
 
 -- name: aborting_executions
 SELECT id FROM deferq_executions WHERE worker_id = ? AND state = 'aborting'
