@@ -1,12 +1,12 @@
 """deferq: durable background functions for Python, with control over time.
 
-    from deferq import defer, discard_after
+from deferq import defer, discard_after
 
-    @defer(retry=False)
-    def send_sign_in_email(email: str) -> None: ...
+@defer(retry=False)
+def send_sign_in_email(email: str) -> None: ...
 
-    send_expirable = discard_after(send_sign_in_email, "5min")
-    execution = send_expirable("ada@example.com")   # stored; a worker runs it later
+send_expirable = discard_after(send_sign_in_email, "5min")
+execution = send_expirable("ada@example.com")   # stored; a worker runs it later
 """
 
 from __future__ import annotations

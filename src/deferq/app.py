@@ -125,7 +125,7 @@ class App:
     def enqueue_many(
         self, fn: BackgroundFunction[Any, Any], calls: Iterable[Any]
     ) -> list[Execution]:
-        items = []
+        items: list[NewExecution] = []
         for index, call in enumerate(calls):
             if len(items) >= MAX_BULK:
                 raise ValueError(f"enqueue_many takes at most {MAX_BULK} calls at once")
@@ -142,7 +142,7 @@ class App:
     ) -> Execution:
         """Store an execution inside the caller's own database transaction (PostgreSQL): it
         exists if and only if that transaction commits."""
-        return self.store.enqueue([self.new_execution(fn, args, kwargs)], connection=connection)
+        return self.store.enqueue([self.new_execution(fn, args, kwargs)], connection=connection)[0]
 
     # Reading
 
@@ -318,8 +318,11 @@ def _check_id(execution_id: Any) -> str:
 
 
 def _split_call(call: Any, index: int) -> tuple[Sequence[Any], Mapping[str, Any]]:
-    if isinstance(call, tuple) and len(call) == 2 and isinstance(call[0], tuple) and isinstance(
-        call[1], dict
+    if (
+        isinstance(call, tuple)
+        and len(call) == 2
+        and isinstance(call[0], tuple)
+        and isinstance(call[1], dict)
     ):
         return call[0], call[1]
     if isinstance(call, tuple):

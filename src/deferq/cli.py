@@ -48,7 +48,8 @@ def main(ctx: click.Context, url: str | None, verbose: int, quiet: int) -> None:
 
 
 def _app(ctx: click.Context) -> App:
-    return ctx.find_root().obj  # type: ignore[no-any-return]
+    app: App = ctx.find_root().obj
+    return app
 
 
 @main.command()
@@ -60,9 +61,9 @@ def _app(ctx: click.Context) -> App:
 @click.option("--poll-interval", type=DURATION, default="1s", help="Longest idle wait")
 @click.option(
     "--prefetch",
-    type=click.IntRange(min=1),
-    default=1,
-    help="Attempts handed to each slot ahead of time (more throughput for short functions)",
+    type=click.IntRange(min=0),
+    help="Executions claimed ahead of free slots: more throughput for short functions "
+    "[default: as many as slots]",
 )
 @click.option("--name", help="A name for this worker in logs and attempts")
 @click.pass_context
@@ -74,7 +75,7 @@ def worker(
     heartbeat_interval: timedelta,
     lost_after: timedelta,
     poll_interval: timedelta,
-    prefetch: int,
+    prefetch: int | None,
     name: str | None,
 ) -> None:
     """Import MODULES and run due executions of their background functions."""

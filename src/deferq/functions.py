@@ -70,7 +70,7 @@ class BackgroundFunction(Generic[P, R]):
         self.cron = cron
         self.is_async = inspect.iscoroutinefunction(fn)
         self._app = app
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     def __repr__(self) -> str:
         return f"<background function {self.name}>"
@@ -243,12 +243,12 @@ def delay(fn: BackgroundFunction[P, R], when: Any) -> BackgroundFunction[P, R]:
 def discard_after(fn: BackgroundFunction[P, R], when: Any) -> BackgroundFunction[P, R]:
     """A copy of `fn` whose executions are discarded if not started by `when` (a duration
     counted from the call, or an aware datetime)."""
-    return _background(fn).with_call_options(
-        discard_after=parse_when(when, name="discard_after")
-    )
+    return _background(fn).with_call_options(discard_after=parse_when(when, name="discard_after"))
 
 
-def add_metadata(fn: BackgroundFunction[P, R], metadata: Mapping[str, str]) -> BackgroundFunction[P, R]:
+def add_metadata(
+    fn: BackgroundFunction[P, R], metadata: Mapping[str, str]
+) -> BackgroundFunction[P, R]:
     """A copy of `fn` whose executions carry `metadata` (replacing earlier metadata)."""
     return _background(fn).with_call_options(metadata=validate_metadata(metadata))
 

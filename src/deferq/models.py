@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 
-class ExecutionState(str, enum.Enum):
+class ExecutionState(enum.StrEnum):
     """Where an execution is in its life. A `str`, so `state == "succeeded"` works."""
 
     CREATED = "created"
@@ -41,7 +41,7 @@ FINAL_STATES = frozenset(
 RUNNING_STATES = frozenset({ExecutionState.STARTED, ExecutionState.ABORTING})
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     """Why an attempt (and so perhaps its execution) did not succeed."""
 
     RAISED = "raised"
@@ -56,7 +56,7 @@ class ErrorCode(str, enum.Enum):
         return self.value
 
 
-class AttemptOutcome(str, enum.Enum):
+class AttemptOutcome(enum.StrEnum):
     """How one attempt ended. `interrupted`: stopped by a worker shutdown, not counted."""
 
     RUNNING = "running"

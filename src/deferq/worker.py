@@ -13,6 +13,7 @@ cancellation included; a fresh child takes its place.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -49,14 +50,16 @@ class WorkerSettings:
         lost_after: timedelta = timedelta(seconds=15),
         poll_interval: timedelta = timedelta(seconds=1),
         abort_check_interval: timedelta = timedelta(milliseconds=250),
-        prefetch: int = 1,
+        prefetch: int | None = None,
         name: str | None = None,
     ) -> None:
         self.slots = slots if slots is not None else max(2, os.cpu_count() or 2)
         if type(self.slots) is not int or self.slots < 1:
             raise ValueError(f"slots must be a positive integer, not {slots!r}")
-        if type(prefetch) is not int or prefetch < 1:
-            raise ValueError(f"prefetch must be a positive integer, not {prefetch!r}")
+        if prefetch is None:
+            prefetch = self.slots
+        if type(prefetch) is not int or prefetch < 0:
+            raise ValueError(f"prefetch must be an integer of at least 0, not {prefetch!r}")
         if lost_after <= heartbeat_interval * 2:
             raise ValueError(
                 f"lost_after ({lost_after}) must be more than twice the heartbeat interval "
@@ -72,7 +75,7 @@ class WorkerSettings:
 
 
 class Slot:
-    """One child process and the attempts sent to it, the first of which is running."""
+    """One child process and the attempt it is running, if any."""
 
     def __init__(self, index: int, modules: list[str]) -> None:
         self.index = index
@@ -80,8 +83,8 @@ class Slot:
         self.process: Any = None
         self.conn: Any = None
         self.ready = False
-        self.sent: collections.deque[ClaimedAttempt] = collections.deque()
-        self.head_started = 0.0
+        self.current: ClaimedAttempt | None = None
+        self.started = 0.0
 
     def start_child(self) -> None:
         parent_conn, child_conn = _spawn.Pipe()
@@ -96,16 +99,17 @@ class Slot:
         self.conn = parent_conn
         self.ready = False
 
+    @property
+    def free(self) -> bool:
+        return self.ready and self.current is None
+
     def send(self, claimed: ClaimedAttempt) -> None:
-        if not self.sent:
-            self.head_started = time.monotonic()
-        self.sent.append(claimed)
+        self.current = claimed
+        self.started = time.monotonic()
         self.conn.send_bytes(json.dumps([claimed.function_name, claimed.arguments]).encode())
 
     def deadline(self) -> float | None:
-        if not self.sent:
-            return None
-        return self.head_started + self.sent[0].max_duration
+        return None if self.current is None else self.started + self.current.max_duration
 
     def kill(self) -> None:
         """Stop the child and wait until it is gone: its attempt has really ended."""
@@ -152,7 +156,9 @@ class Worker:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._reports: list[AttemptReport] = []
-        self._lock = threading.Lock()
+        self._watch_ready = False
+        self.buffer: collections.deque[ClaimedAttempt] = collections.deque()
+        """Attempts claimed (started in the store) but not yet handed to a slot."""
 
     # Lifecycle
 
@@ -198,10 +204,8 @@ class Worker:
 
     def wake(self) -> None:
         """Make the main loop take a turn now (safe from threads and signal handlers)."""
-        try:
+        with contextlib.suppress(BlockingIOError):  # full of wake-ups already
             os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already
 
     def install_signal_handlers(self) -> None:
         def handle(signum: int, frame: Any) -> None:
@@ -227,80 +231,99 @@ class Worker:
     def _main_loop(self) -> None:
         store = self.app.store
         watcher = store.watch()
-        capacity_per_slot = self.settings.prefetch
-        maybe_due = True
-        next_check = 0.0
+        # Claim in batches: once the slots and the buffer have room for this many.
+        batch = max(1, (self.settings.slots + self.settings.prefetch) // 2)
+        maybe_due = True  # work may be due: worth a claim
+        poll_at = 0.0  # when to try a claim anyway (poll interval, or the next due time)
+        watch_at = 0.0  # when to ask a polling watcher for news
         grace_end: float | None = None
         try:
             while True:
                 now = time.monotonic()
-                if self.stopping.is_set() and grace_end is None:
-                    grace_end = now + self.settings.grace.total_seconds()
-                if grace_end is not None:
+                if self.stopping.is_set():
+                    if grace_end is None:
+                        grace_end = now + self.settings.grace.total_seconds()
+                        self._release_buffer()
                     grace_end = min(grace_end, now + self.settings.grace.total_seconds())
-                    if not self.running_count and not self._reports:
-                        return
-                    if now >= grace_end:
+                    if not self.running_count or now >= grace_end:
                         self._stop_all_attempts()
                         self._flush_reports()
                         return
 
                 self._enforce_limits(now)
-                free = 0
+                self._feed_slots()
+                room = 0
                 if grace_end is None:
-                    free = sum(
-                        capacity_per_slot - len(s.sent) for s in self.slots if s.ready
-                    )
-                    if watcher.poll_interval is None and watcher.fileno() is None:
-                        maybe_due = maybe_due or now >= next_check
-                    elif now >= next_check and watcher.changed():
-                        maybe_due = True
-                if self._reports or (free and maybe_due):
-                    claimed = self._record_and_claim(free if maybe_due else 0)
-                    if free and len(claimed) < free:
+                    room = self._capacity() - self.running_count - len(self.buffer)
+                    if not maybe_due and room:
+                        if now >= poll_at:
+                            maybe_due = True
+                        elif now >= watch_at or self._watch_ready:
+                            self._watch_ready = False
+                            maybe_due = watcher.changed()
+                            watch_at = now + (watcher.poll_interval or 3600.0)
+                starving = not self.buffer and any(s.free for s in self.slots)
+                claim = room if maybe_due and (room >= batch or (starving and room)) else 0
+                if claim or len(self._reports) >= batch or (self._reports and starving):
+                    claimed = self._record_and_claim(claim)
+                    if claim and len(claimed) < claim:
                         maybe_due = False
-                        next_check = now + self._idle_wait(store, watcher)
-                    self._dispatch(claimed)
-                    if claimed and len(claimed) == free:
+                        poll_at = now + self._until_due(store)
+                        watch_at = now + (watcher.poll_interval or 3600.0)
+                    self.buffer.extend(claimed)
+                    self._feed_slots()
+                    if claimed and len(claimed) == claim:
                         continue
 
-                self._wait(now, next_check if free else None, watcher)
+                wake_at = None
+                if room and not maybe_due:
+                    wake_at = min(poll_at, watch_at)
+                self._wait(now, wake_at, watcher)
         finally:
             watcher.close()
 
-    def _idle_wait(self, store: Any, watcher: Any) -> float:
-        """Seconds until the next look at the store when nothing was due."""
+    def _capacity(self) -> int:
+        return self.settings.slots + self.settings.prefetch
+
+    def _until_due(self, store: Any) -> float:
+        """Seconds until a claim is worth trying without news: the poll interval, or sooner
+        when a scheduled execution becomes due."""
         wait = self.settings.poll_interval.total_seconds()
-        if watcher.poll_interval is not None:
-            wait = watcher.poll_interval
-        else:
+        try:
             due_in = store.next_due_in()
-            if due_in is not None:
-                wait = min(wait, due_in.total_seconds())
+        except StoreUnavailable:
+            return wait
+        if due_in is not None:
+            wait = min(wait, due_in.total_seconds())
         return wait
 
     def _record_and_claim(self, limit: int) -> list[ClaimedAttempt]:
-        with self._lock:
-            reports, self._reports = self._reports, []
+        reports, self._reports = self._reports, []
         try:
             return self.app.store.record_and_claim(reports, self.id, self.functions, limit)
         except StoreUnavailable as exc:
-            with self._lock:
-                self._reports[:0] = reports  # kept for the next turn: nothing is lost
+            self._reports[:0] = reports  # kept for the next turn: nothing is lost
             logger.warning(
                 "Store unavailable", extra={"action": "store_unavailable", "error": str(exc)}
             )
             self.stopping.wait(0.5)
             return []
 
-    def _dispatch(self, claimed: list[ClaimedAttempt]) -> None:
-        for attempt in claimed:
-            slot = min((s for s in self.slots if s.ready), key=lambda s: len(s.sent))
-            self.running_count += 1
-            slot.send(attempt)
-            self.log_started(attempt)
+    def _feed_slots(self) -> None:
+        """Hand buffered attempts to free slots; the attempt's time starts now."""
+        if not self.buffer:
+            return
+        for slot in self.slots:
+            if slot.free and self.buffer:
+                claimed = self.buffer.popleft()
+                if claimed.execution_id in self.aborting:
+                    self._finish(claimed, failure(claimed, "aborted", "aborted before it began"))
+                    continue
+                slot.send(claimed)
+                self.running_count += 1
+                self.log_started(claimed)
 
-    def _wait(self, now: float, next_check: float | None, watcher: Any) -> None:
+    def _wait(self, now: float, wake_at: float | None, watcher: Any) -> None:
         """Block until a child answers, the loop is woken, a deadline passes, or it is time
         to look at the store again."""
         timeout = 1.0
@@ -308,102 +331,106 @@ class Worker:
             deadline = slot.deadline()
             if deadline is not None:
                 timeout = min(timeout, deadline - now)
-        if next_check is not None:
-            timeout = min(timeout, next_check - now)
-        if self.running_count:
-            timeout = min(timeout, 0.05)  # aborts and shutdown are noticed promptly
+        if wake_at is not None:
+            timeout = min(timeout, wake_at - now)
+        if self._reports:
+            timeout = 0.0
         waitables: list[Any] = [self._wake_r]
         watched = watcher.fileno()
-        if watched is not None and next_check is not None:
+        if watched is not None and wake_at is not None:
             waitables.append(watched)
         waitables += [s.conn for s in self.slots if s.conn is not None]
         for ready in wait_for_any(waitables, max(0.0, timeout)):
             if ready == self._wake_r:
-                try:
+                with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
-                except BlockingIOError:
-                    pass
             elif ready == watched:
-                pass  # the watcher reports the news on the next turn
+                self._watch_ready = True  # the watcher tells what changed on the next turn
             else:
                 self._receive(next(s for s in self.slots if s.conn is ready))
 
     def _receive(self, slot: Slot) -> None:
         try:
-            while slot.conn.poll():
-                message = json.loads(slot.conn.recv_bytes())
-                if not slot.ready:
-                    if message[0] != "ready":
-                        raise RuntimeError(f"a slot's child could not start: {message[1]}")
-                    slot.ready = True
-                    continue
-                claimed = slot.sent.popleft()
-                slot.head_started = time.monotonic()
-                self._finish(claimed, report(claimed, message))
+            message = json.loads(slot.conn.recv_bytes())
         except (EOFError, OSError):
             code = slot.process.exitcode if slot.process is not None else None
             self._stop_slot(
                 slot,
-                lambda c: failure(
-                    c,
-                    ErrorCode.WORKER_LOST.value,
-                    f"the process running the attempt exited (exit code {code})",
-                ),
+                ErrorCode.WORKER_LOST.value,
+                f"the process running the attempt exited (exit code {code})",
             )
+            return
+        if not slot.ready:
+            if message[0] != "ready":
+                raise RuntimeError(f"a slot's child could not start: {message[1]}")
+            slot.ready = True
+            return
+        claimed = slot.current
+        assert claimed is not None
+        slot.current = None
+        self.running_count -= 1
+        self._finish(claimed, report(claimed, message))
+        if self.buffer:
+            self._feed_slots()
 
     def _enforce_limits(self, now: float) -> None:
         """Stop attempts past their max duration, and those asked to abort."""
-        aborting = self.aborting
         for slot in self.slots:
-            if not slot.sent:
+            current = slot.current
+            if current is None:
                 continue
-            head = slot.sent[0]
-            if head.execution_id in aborting:
-                self._stop_slot(
-                    slot, lambda c: failure(c, ErrorCode.ABORTED.value, "aborted on request")
-                )
-            elif now >= slot.head_started + head.max_duration:
+            if current.execution_id in self.aborting:
+                self._stop_slot(slot, ErrorCode.ABORTED.value, "aborted on request")
+            elif now >= slot.started + current.max_duration:
                 self._stop_slot(
                     slot,
-                    lambda c: failure(
-                        c,
-                        ErrorCode.TIMEOUT.value,
-                        f"stopped after its max_duration of {c.max_duration:g}s",
-                    ),
+                    ErrorCode.TIMEOUT.value,
+                    f"stopped after its max_duration of {current.max_duration:g}s",
                 )
 
-    def _stop_slot(self, slot: Slot, head_report: Callable[[ClaimedAttempt], AttemptReport]) -> None:
-        """Kill a slot's child; its running attempt ends with `head_report`, attempts queued
-        behind it never started and go back to `created` without using a retry."""
+    def _stop_slot(self, slot: Slot, error_code: str | None, message: str = "") -> None:
+        """Kill a slot's child, so its attempt has really ended, then report that attempt:
+        failed with `error_code`, or interrupted (back to `created`, no retry used) if None."""
         slot.kill()
-        sent = list(slot.sent)
-        slot.sent.clear()
-        for index, claimed in enumerate(sent):
-            self._finish(claimed, head_report(claimed) if index == 0 else interrupted(claimed))
+        claimed, slot.current = slot.current, None
+        if claimed is not None:
+            self.running_count -= 1
+            self._finish(
+                claimed,
+                interrupted(claimed)
+                if error_code is None
+                else failure(claimed, error_code, message),
+            )
         if not self.stopping.is_set():
             slot.start_child()
 
     def _stop_all_attempts(self) -> None:
-        busy = [s for s in self.slots if s.sent]
+        busy = [s for s in self.slots if s.current is not None]
         if busy:
             logger.warning(
                 "Grace period over: stopping running attempts",
-                extra={"action": "interrupt_attempts", "count": self.running_count},
+                extra={"action": "interrupt_attempts", "count": len(busy)},
             )
         for slot in busy:
-            self._stop_slot(slot, interrupted)
+            self._stop_slot(slot, None)
 
-    def _finish(self, claimed: ClaimedAttempt, attempt_report: AttemptReport) -> None:
-        self.running_count -= 1
-        with self._lock:
-            self._reports.append(attempt_report)
-        self.log_finished(claimed, attempt_report)
+    def _release_buffer(self) -> None:
+        """Attempts claimed but not begun go back to `created` when the worker stops."""
+        while self.buffer:
+            self._finish_unbegun(self.buffer.popleft())
+
+    def _finish_unbegun(self, claimed: ClaimedAttempt) -> None:
+        self._finish(claimed, interrupted(claimed))
 
     def _flush_reports(self) -> None:
         for _ in range(20):
             if not self._reports:
                 return
             self._record_and_claim(0)
+
+    def _finish(self, claimed: ClaimedAttempt, attempt_report: AttemptReport) -> None:
+        self._reports.append(attempt_report)
+        self.log_finished(claimed, attempt_report)
 
     # Side tasks
 
@@ -502,8 +529,8 @@ class Worker:
     # Shutdown
 
     def _shutdown(self, side_tasks: list[threading.Thread]) -> None:
+        self._release_buffer()
         self._stop_all_attempts()
-        self._flush_reports()
         for slot in self.slots:
             slot.kill()
         self.stopped.set()

@@ -8,7 +8,6 @@ times (`timedelta`) where they can and let the store turn them into instants.
 from __future__ import annotations
 
 import abc
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta

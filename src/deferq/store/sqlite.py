@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -140,10 +140,8 @@ class SQLiteStore(Store):
     def close(self) -> None:
         with self._lock:
             for conn in self._connections:
-                try:
+                with suppress(sqlite3.Error):
                     conn.close()
-                except sqlite3.Error:
-                    pass
             self._connections.clear()
         self._local = threading.local()
 
@@ -179,7 +177,7 @@ class SQLiteStore(Store):
             )
         now = _now_us()
         rows = []
-        meta_rows = []
+        meta_rows: list[tuple[str, str, str]] = []
         executions = []
         for item in items:
             scheduled = _when_us(item.scheduled, now)
@@ -312,9 +310,11 @@ class SQLiteStore(Store):
             raise ExecutionNotFound(execution_id)
         execution = _row_to_execution(row)
         # A second cancel or abort of the same execution answers with it, changing nothing.
-        allowed = {ExecutionState.CANCELLED, ExecutionState.ABORTING} if force else {
-            ExecutionState.CANCELLED
-        }
+        allowed = (
+            {ExecutionState.CANCELLED, ExecutionState.ABORTING}
+            if force
+            else {ExecutionState.CANCELLED}
+        )
         if execution.state not in allowed:
             raise ExecutionNotCancellable(execution)
         return execution
@@ -428,7 +428,9 @@ class SQLiteStore(Store):
             )
             for r in rows
         ]
-        conn.executemany(Q["insert_attempt"], [(c.execution_id, c.number, worker_id, now) for c in claimed])
+        conn.executemany(
+            Q["insert_attempt"], [(c.execution_id, c.number, worker_id, now) for c in claimed]
+        )
         return claimed
 
     def _claimable_limited(
@@ -461,9 +463,7 @@ class SQLiteStore(Store):
             # Those beyond the free slots of the whole store are cancelled; those beyond this
             # worker's room stay for other workers.
             reason = f"concurrency limit of {limits.concurrency} reached"
-            conn.executemany(
-                Q["cancel_limited"], [(now, reason, i) for i in ids[available:]]
-            )
+            conn.executemany(Q["cancel_limited"], [(now, reason, i) for i in ids[available:]])
         return ids[:take]
 
     def record_attempt_reports(self, reports: Sequence[AttemptReport]) -> None:
@@ -471,9 +471,7 @@ class SQLiteStore(Store):
             with self._write() as conn:
                 self._record(conn, reports, _now_us())
 
-    def _record(
-        self, conn: sqlite3.Connection, reports: Sequence[AttemptReport], now: int
-    ) -> None:
+    def _record(self, conn: sqlite3.Connection, reports: Sequence[AttemptReport], now: int) -> None:
         conn.executemany(Q["finish_execution"], [_finish_params(r, now) for r in reports])
         conn.executemany(
             Q["finish_attempt"],
@@ -538,7 +536,11 @@ class SQLiteStore(Store):
         if lost:
             logger.warning(
                 "Declared workers lost",
-                extra={"action": "declare_workers_lost", "workers": lost, "attempts": len(attempts)},
+                extra={
+                    "action": "declare_workers_lost",
+                    "workers": lost,
+                    "attempts": len(attempts),
+                },
             )
         return attempts
 
