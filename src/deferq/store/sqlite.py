@@ -106,6 +106,9 @@ class SQLiteStore(Store):
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         # Durable against a crash of the process; a power cut may lose the last commits.
         conn.execute("PRAGMA synchronous = NORMAL")
+        # Checkpoints (which fsync) every 16 MB of WAL instead of 4 MB: fewer stalls for
+        # enqueueing callers, at the cost of a larger WAL file between checkpoints.
+        conn.execute("PRAGMA wal_autocheckpoint = 4000")
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
         if mode != "wal":
             conn.execute("PRAGMA journal_mode = WAL")
