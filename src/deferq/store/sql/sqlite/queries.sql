@@ -79,16 +79,17 @@ SET state = CASE
         WHEN :retry_at IS NULL THEN :state
         WHEN discard_after IS NOT NULL AND :retry_at >= discard_after THEN 'discarded'
         ELSE 'created' END,
-    scheduled_for = coalesce(:retry_at, scheduled_for),
+    scheduled_for = CASE WHEN state = 'aborting' THEN scheduled_for
+        ELSE coalesce(:retry_at, scheduled_for) END,
     finished_at = CASE
         WHEN state = 'aborting' OR :retry_at IS NULL THEN :now
         WHEN discard_after IS NOT NULL AND :retry_at >= discard_after THEN :now
         ELSE NULL END,
     result = :result,
-    error_code = CASE WHEN state = 'aborting' AND :error_code IS NULL THEN 'aborted'
-        ELSE :error_code END,
-    error_message = CASE WHEN state = 'aborting' AND :error_code IS NULL
-        THEN 'aborted on request' ELSE :error_message END,
+    -- An aborted execution says so; its attempt keeps what really happened.
+    error_code = CASE WHEN state = 'aborting' THEN 'aborted' ELSE :error_code END,
+    error_message = CASE WHEN state = 'aborting' THEN 'aborted on request'
+        ELSE :error_message END,
     failed_attempts = failed_attempts + :counts_as_failure,
     worker_id = NULL
 WHERE id = :id AND attempts = :number AND state IN ('started', 'aborting')
