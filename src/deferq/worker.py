@@ -486,7 +486,7 @@ class Worker:
             )
 
     def _watch_aborts(self) -> None:
-        if not self.running_count:
+        if not self.running_count and not self.buffer:
             return
         aborting = set(self.app.store.aborting_executions(self.id))
         if aborting != self.aborting:
