@@ -300,7 +300,8 @@ def _check_discard_after(scheduled: timedelta | datetime, discard: timedelta | d
     now = datetime.now(UTC)
     start = now + scheduled if isinstance(scheduled, timedelta) else scheduled
     end = now + discard if isinstance(discard, timedelta) else discard
-    if end <= start and discard != timedelta(0):
+    # discard_after=0 alone is allowed ("now or never"); after a delay it could never start.
+    if end < start or (end == start and discard != timedelta(0)):
         raise ValueError(
             f"discard_after {_show(discard)} is not after the start time {_show(scheduled)}: "
             "the execution could never start"

@@ -213,6 +213,35 @@ def attempts(ctx: click.Context, execution_id: str) -> None:
 
 
 @main.command()
+@click.argument("modules", nargs=-1)
+@click.pass_context
+def schedules(ctx: click.Context, modules: tuple[str, ...]) -> None:
+    """List cron schedules and their next ticks.
+
+    Without MODULES: the schedules workers have run, as the store knows them. With MODULES:
+    the cron functions declared in them, with their next ticks from now."""
+    if modules:
+        from deferq.functions import registry
+        from deferq.runner import import_modules
+
+        _run(lambda: import_modules(modules))
+        now = _app(ctx).store.now()
+        for fn in sorted(registry.values(), key=lambda f: f.name):
+            if fn.cron is not None:
+                click.echo(
+                    f"{fn.name}  {fn.cron.describe()}  next {fn.cron.next_tick(now).isoformat()}"
+                )
+        return
+    for schedule in _run(lambda: _app(ctx).store.list_schedules()):
+        last = schedule.last_tick.isoformat() if schedule.last_tick else "never"
+        upcoming = schedule.next_tick.isoformat() if schedule.next_tick else "-"
+        click.echo(
+            f"{schedule.function_name}  {schedule.expression} ({schedule.timezone})  "
+            f"last {last}  next {upcoming}  seen {schedule.seen_at.isoformat()}"
+        )
+
+
+@main.command()
 @click.option("--older-than", type=DURATION, default="7d", help="Retention of finished ones")
 @click.pass_context
 def prune(ctx: click.Context, older_than: timedelta) -> None:

@@ -44,7 +44,7 @@ class Scheduler:
         schedule = function.cron
         assert schedule is not None
         first_seen, last_tick = self.store.sync_schedule(
-            function.name, schedule.expression, schedule.tz, schedule.next_tick(now)
+            function.name, schedule.expression, schedule.tz, schedule.next_tick(now), now
         )
         for tick in schedule.due_ticks(last_tick or first_seen, now):
             policy = function.options.retry

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from multiprocessing.connection import wait as wait_for_any
 from typing import Any
 
@@ -131,8 +131,12 @@ class Worker:
         app: App | None = None,
         settings: WorkerSettings | None = None,
         functions: Sequence[BackgroundFunction[Any, Any]] | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
+        """`clock` replaces the store's clock for the cron scheduler (tests drive time with
+        it); everything else keeps the store's clock."""
         self.app = app or default_app()
+        self.clock = clock
         self.settings = settings or WorkerSettings()
         self.modules = list(modules)
         import_modules(self.modules)
@@ -444,7 +448,7 @@ class Worker:
         if self.cron_functions:
             from deferq.scheduler import Scheduler
 
-            scheduler = Scheduler(self.app.store, self.cron_functions)
+            scheduler = Scheduler(self.app.store, self.cron_functions, clock=self.clock)
             tasks.append(("scheduler", scheduler.tick, timedelta(seconds=1)))
         threads = []
         for name, step, interval in tasks:

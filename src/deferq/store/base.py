@@ -123,10 +123,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def sync_schedule(
-        self, function_name: str, expression: str, timezone: str, next_tick: datetime | None
+        self,
+        function_name: str,
+        expression: str,
+        timezone: str,
+        next_tick: datetime | None,
+        now: datetime,
     ) -> tuple[datetime, datetime | None]:
-        """Record a cron schedule as a worker sees it in code; return when it was first seen
-        (with this expression and time zone) and the latest tick stored for it."""
+        """Record a cron schedule as a worker sees it in code at `now` (the scheduler's
+        clock); return when it was first seen (with this expression and time zone) and the
+        latest tick stored for it."""
 
     @abc.abstractmethod
     def insert_cron_execution(self, item: NewExecution, next_tick: datetime | None) -> bool:

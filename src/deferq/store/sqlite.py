@@ -219,13 +219,18 @@ class SQLiteStore(Store):
             raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
 
     def sync_schedule(
-        self, function_name: str, expression: str, timezone: str, next_tick: datetime | None
+        self,
+        function_name: str,
+        expression: str,
+        timezone: str,
+        next_tick: datetime | None,
+        now: datetime,
     ) -> tuple[datetime, datetime | None]:
         params = {
             "name": function_name,
             "expression": expression,
             "timezone": timezone,
-            "now": _now_us(),
+            "now": to_us(now),
             "next_tick": None if next_tick is None else to_us(next_tick),
         }
         with self._write() as conn:
