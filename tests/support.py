@@ -56,7 +56,7 @@ class WorkerProcess:
         self._log: Any = None
 
     def start(self) -> WorkerProcess:
-        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
             self.command,
             env=self.env,

@@ -144,9 +144,11 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def child_main(modules: list[str], conn: Connection, parent_pid: int, log_level: int) -> None:
     """Entry point of a slot's child process: run attempts sent by the worker, one at a time."""
-    # Ctrl-C reaches the whole process group; the worker decides when its children stop.
+    # Ctrl-C, and SIGTERM from service managers that signal every process of a service
+    # (systemd's default), reach the whole process group: the worker decides when its
+    # children stop, and stops them with SIGKILL.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     logging.basicConfig(level=log_level)
     try:

@@ -4,6 +4,11 @@ Every worker that knows a cron function runs this; the store's uniqueness rule o
 (function, tick) makes a second execution of a tick impossible, however many schedulers race.
 The schedule's last tick is kept in the store, so a tick that passed while every scheduler
 was down is caught up on restart, following the schedule's catch-up policy.
+
+A schedule changed in code (another expression or time zone) starts afresh: no tick of the
+old version is caught up. While workers with both versions run, as in a rolling deploy, the
+version in force keeps the schedule until no scheduler has looked at it for
+`HANDOVER_AFTER`; only then does the other version take over.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from deferq.functions import BackgroundFunction
@@ -19,6 +24,12 @@ from deferq.ids import new_execution_id
 from deferq.store.base import NewExecution, Store
 
 logger = logging.getLogger("deferq.scheduler")
+
+HANDOVER_AFTER = timedelta(seconds=10)
+"""How long the version of a schedule in force must go unseen before a worker whose code
+declares another version takes it over. Schedulers look every second; without this wait,
+two versions running at once would restart the schedule at every look and no tick would
+ever come due."""
 
 
 class Scheduler:
@@ -37,8 +48,25 @@ class Scheduler:
     def tick(self) -> None:
         """Store the executions of every tick due now; one step of the side task."""
         now = self.clock()
+        held = self._held_by_other_versions(now)
         for function in self.functions:
-            self._schedule(function, now)
+            if function.name not in held:
+                self._schedule(function, now)
+
+    def _held_by_other_versions(self, now: datetime) -> set[str]:
+        """Names of our schedules whose stored version differs from ours and is still
+        looked at by another worker."""
+        ours = {f.name: f.cron for f in self.functions}
+        held = set()
+        for stored in self.store.list_schedules():
+            schedule = ours.get(stored.function_name)
+            if (
+                schedule is not None
+                and (stored.expression, stored.timezone) != (schedule.expression, schedule.tz)
+                and stored.seen_at > now - HANDOVER_AFTER
+            ):
+                held.add(stored.function_name)
+        return held
 
     def _schedule(self, function: BackgroundFunction[Any, Any], now: datetime) -> None:
         schedule = function.cron

@@ -38,6 +38,10 @@ logger = logging.getLogger("deferq.worker")
 
 _spawn = multiprocessing.get_context("spawn")
 
+REPORT_LINGER = 0.005
+"""Seconds a finished attempt's report may wait for others to share its commit. Past it the
+report is stored whatever else is going on: a busy worker must not hold a result back."""
+
 
 class WorkerSettings:
     """Tunables of a worker; each has a `deferq worker` flag and a `DEFERQ_*` variable."""
@@ -160,6 +164,7 @@ class Worker:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._reports: list[AttemptReport] = []
+        self._reports_since = 0.0  # when the oldest report not yet stored was made
         self._watch_ready = False
         self.buffer: collections.deque[ClaimedAttempt] = collections.deque()
         """Attempts claimed (started in the store) but not yet handed to a slot."""
@@ -268,7 +273,8 @@ class Worker:
                             watch_at = now + (watcher.poll_interval or 3600.0)
                 starving = not self.buffer and any(s.free for s in self.slots)
                 claim = room if maybe_due and (room >= batch or (starving and room)) else 0
-                if claim or len(self._reports) >= batch or (self._reports and starving):
+                due_to_store = starving or now >= self._reports_since + REPORT_LINGER
+                if claim or len(self._reports) >= batch or (self._reports and due_to_store):
                     claimed = self._record_and_claim(claim)
                     if claim and len(claimed) < claim:
                         maybe_due = False
@@ -282,12 +288,14 @@ class Worker:
                 wake_at = None
                 if room and not maybe_due:
                     wake_at = min(poll_at, watch_at)
-                self._wait(now, wake_at, watcher)
+                self._wait(now, wake_at, watcher, grace_end)
         finally:
             watcher.close()
 
     def _capacity(self) -> int:
-        return self.settings.slots + self.settings.prefetch
+        # A slot whose child is still starting (after a kill, it takes a moment) is no room
+        # yet: with --prefetch 0 a claimed attempt must begin at once.
+        return sum(slot.ready for slot in self.slots) + self.settings.prefetch
 
     def _until_due(self, store: Any) -> float:
         """Seconds until a claim is worth trying without news: the poll interval, or sooner
@@ -327,10 +335,12 @@ class Worker:
                 self.running_count += 1
                 self.log_started(claimed)
 
-    def _wait(self, now: float, wake_at: float | None, watcher: Any) -> None:
-        """Block until a child answers, the loop is woken, a deadline passes, or it is time
-        to look at the store again."""
-        timeout = 1.0
+    def _wait(
+        self, now: float, wake_at: float | None, watcher: Any, grace_end: float | None = None
+    ) -> None:
+        """Block until a child answers, the loop is woken, a deadline passes (an attempt's
+        max duration, the grace period), or it is time to look at the store again."""
+        timeout = 1.0 if grace_end is None else min(1.0, grace_end - now)
         for slot in self.slots:
             deadline = slot.deadline()
             if deadline is not None:
@@ -338,7 +348,7 @@ class Worker:
         if wake_at is not None:
             timeout = min(timeout, wake_at - now)
         if self._reports:
-            timeout = 0.0
+            timeout = min(timeout, self._reports_since + REPORT_LINGER - now)
         waitables: list[Any] = [self._wake_r]
         watched = watcher.fileno()
         if watched is not None and wake_at is not None:
@@ -379,6 +389,8 @@ class Worker:
 
     def _enforce_limits(self, now: float) -> None:
         """Stop attempts past their max duration, and those asked to abort."""
+        if self.aborting and self.buffer:
+            self._abort_buffered()
         for slot in self.slots:
             current = slot.current
             if current is None:
@@ -392,9 +404,29 @@ class Worker:
                     f"stopped after its max_duration of {current.max_duration:g}s",
                 )
 
+    def _abort_buffered(self) -> None:
+        """An attempt asked to abort while it waits in the buffer ends now, never begun:
+        it must not wait for a slot that a long attempt may hold for hours."""
+        kept: collections.deque[ClaimedAttempt] = collections.deque()
+        for claimed in self.buffer:
+            if claimed.execution_id in self.aborting:
+                self._finish(claimed, failure(claimed, "aborted", "aborted before it began"))
+            else:
+                kept.append(claimed)
+        self.buffer = kept
+
     def _stop_slot(self, slot: Slot, error_code: str | None, message: str = "") -> None:
         """Kill a slot's child, so its attempt has really ended, then report that attempt:
-        failed with `error_code`, or interrupted (back to `created`, no retry used) if None."""
+        failed with `error_code`, or interrupted (back to `created`, no retry used) if None.
+
+        An attempt whose result is already waiting in the pipe ended on its own: its result
+        stands and its healthy child is kept."""
+        result = self._result_waiting(slot)
+        if result is not None and slot.current is not None:
+            done, slot.current = slot.current, None
+            self.running_count -= 1
+            self._finish(done, report(done, result))
+            return
         slot.kill()
         claimed, slot.current = slot.current, None
         if claimed is not None:
@@ -407,6 +439,18 @@ class Worker:
             )
         if not self.stopping.is_set():
             slot.start_child()
+
+    @staticmethod
+    def _result_waiting(slot: Slot) -> list[Any] | None:
+        """The result a slot's child already sent, if any (read without blocking)."""
+        if slot.conn is None or not slot.ready or slot.current is None:
+            return None
+        try:
+            if slot.conn.poll():
+                return list(json.loads(slot.conn.recv_bytes()))
+        except (EOFError, OSError):
+            pass  # the child is gone; the caller stops the slot
+        return None
 
     def _stop_all_attempts(self) -> None:
         busy = [s for s in self.slots if s.current is not None]
@@ -433,6 +477,8 @@ class Worker:
             self._record_and_claim(0)
 
     def _finish(self, claimed: ClaimedAttempt, attempt_report: AttemptReport) -> None:
+        if not self._reports:
+            self._reports_since = time.monotonic()
         self._reports.append(attempt_report)
         self.log_finished(claimed, attempt_report)
 
@@ -484,6 +530,8 @@ class Worker:
 
     def _heartbeat(self) -> None:
         if not self.app.store.heartbeat(self.id):
+            # Our attempts run again elsewhere: stop them at once, no grace period.
+            self.settings.grace = timedelta(0)
             raise RuntimeError(
                 "this worker was declared lost (no heartbeat for "
                 f"{self.settings.lost_after}); its attempts were taken over"

@@ -26,12 +26,12 @@ def build_where(
     query: ExecutionQuery,
     placeholder: str,
     time_param: Callable[[Any], Any],
-    metadata_clause: Callable[[str, int], str],
+    metadata_clause: Callable[[str, list[str]], tuple[str, list[Any]]],
 ) -> tuple[str, list[Any]]:
     """The WHERE clause (without the word) and its parameters.
 
-    `metadata_clause(placeholder, n_values)` returns the dialect's test that the row has the
-    key (first parameter) with one of `n_values` values (the following parameters).
+    `metadata_clause(key, values)` returns the dialect's test that the row's metadata has
+    `key` with one of `values`, and that test's parameters.
     """
     clauses: list[str] = []
     params: list[Any] = []
@@ -57,9 +57,9 @@ def build_where(
         if not values:
             clauses.append("1 = 0")
             continue
-        clauses.append(metadata_clause(placeholder, len(values)))
-        params.append(key)
-        params.extend(values)
+        clause, clause_params = metadata_clause(str(key), [str(v) for v in values])
+        clauses.append(clause)
+        params.extend(clause_params)
     for column, between in (
         ("scheduled_for", query.scheduled_between),
         ("started_at", query.started_between),

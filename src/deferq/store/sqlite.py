@@ -294,10 +294,7 @@ class SQLiteStore(Store):
             query,
             "?",
             to_us,
-            lambda p, n: (
-                "EXISTS (SELECT 1 FROM deferq_metadata m WHERE m.execution_id = id"
-                f" AND m.key = {p} AND m.value IN ({', '.join([p] * n)}))"
-            ),
+            _metadata_clause,
         )
         sql = f"SELECT * FROM deferq_executions WHERE {where} ORDER BY id DESC LIMIT ?"
         rows = self.conn.execute(sql, [*params, query.first + 1]).fetchall()
@@ -596,6 +593,15 @@ class _DataVersionWatcher(Watcher):
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _metadata_clause(key: str, values: list[str]) -> tuple[str, list[Any]]:
+    marks = ", ".join("?" * len(values))
+    return (
+        "EXISTS (SELECT 1 FROM deferq_metadata m WHERE m.execution_id = id"
+        f" AND m.key = ? AND m.value IN ({marks}))",
+        [key, *values],
+    )
 
 
 def _finish_params(report: AttemptReport, now: int) -> dict[str, Any]:

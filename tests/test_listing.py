@@ -1,0 +1,271 @@
+"""`list_executions`: every filter, how they combine, cursor pagination newest first, and the
+errors for arguments it cannot serve."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+import deferq
+from deferq import ExecutionState, add_metadata, defer, delay
+from deferq.app import App
+from deferq.models import Execution
+from deferq.testing import run_due
+
+
+@defer
+def job(n: int) -> int:
+    return n
+
+
+@defer
+def other_job(n: int) -> int:
+    return -n
+
+
+@defer
+def broken() -> None:
+    raise KeyError("missing")
+
+
+@defer
+def returns_set() -> Any:
+    return {1}
+
+
+def ids(items: list[Execution]) -> list[str]:
+    return [e.id for e in items]
+
+
+def listed(**filters: Any) -> list[str]:
+    """Ids of every execution the filters match, newest first (one page)."""
+    return ids(deferq.list_executions(first=1000, **filters).items)
+
+
+def all_pages(page_size: int, **filters: Any) -> list[list[str]]:
+    pages: list[list[str]] = []
+    cursor = None
+    while True:
+        page = deferq.list_executions(first=page_size, after=cursor, **filters)
+        pages.append(ids(page.items))
+        if page.next_cursor is None:
+            return pages
+        assert page.next_cursor == page.items[-1].id
+        cursor = page.next_cursor
+        assert len(pages) < 1000, "pagination does not end"
+
+
+def test_newest_first(app: App) -> None:
+    made = [job(n).id for n in range(5)]
+    page = deferq.list_executions()
+    assert ids(page.items) == made[::-1]
+    assert page.next_cursor is None
+    assert [e.arguments["args"] for e in page.items] == [[n] for n in reversed(range(5))]
+
+
+def test_filter_by_state(app: App) -> None:
+    succeeded = job(1).id
+    failed = broken().id
+    cancelled = delay(job, "1h")(2).id
+    deferq.cancel_execution(cancelled)
+    run_due()
+    waiting = delay(job, "1h")(3).id
+
+    assert listed(states=["succeeded"]) == [succeeded]
+    assert listed(states=["failed"]) == [failed]
+    assert listed(states="failed") == [failed]
+    assert listed(states=[ExecutionState.CANCELLED]) == [cancelled]
+    assert listed(states=["created", "cancelled"]) == [waiting, cancelled]
+    assert listed(states=["started", "aborting", "aborted", "discarded"]) == []
+    assert listed(states=[]) == []
+    assert listed() == [waiting, cancelled, failed, succeeded]
+
+
+def test_filter_by_function(app: App) -> None:
+    first = job(1).id
+    second = other_job(2).id
+    third = job(3).id
+
+    assert listed(functions=[job]) == [third, first]
+    assert listed(functions=[other_job.name]) == [second]
+    assert listed(functions=other_job.name) == [second]
+    assert listed(functions=[job, other_job]) == [third, second, first]
+    assert listed(functions=["tests.no_such_module.job"]) == []
+    assert listed(functions=[]) == []
+
+
+def test_filter_by_error_code(app: App) -> None:
+    raised = broken().id
+    not_json = returns_set().id
+    fine = job(1).id
+    run_due()
+
+    assert listed(error_codes=["raised"]) == [raised]
+    assert listed(error_codes=["result_not_json"]) == [not_json]
+    assert listed(error_codes=["raised", "result_not_json"]) == [not_json, raised]
+    assert listed(error_codes=["timeout"]) == []
+    assert fine not in listed(error_codes=["raised", "result_not_json", "timeout"])
+
+
+def test_filter_by_metadata_and_across_keys_or_within_a_key(app: App) -> None:
+    def tagged(metadata: dict[str, str]) -> str:
+        return add_metadata(job, metadata)(0).id
+
+    in_1 = tagged({"flow": "sign-in", "user": "1"})
+    up_1 = tagged({"flow": "sign-up", "user": "1"})
+    in_2 = tagged({"flow": "sign-in", "user": "2"})
+    reset = tagged({"flow": "reset"})
+    untagged = job(0).id
+
+    assert listed(metadata={"flow": ["sign-in"]}) == [in_2, in_1]
+    assert listed(metadata={"flow": ["sign-in", "sign-up"]}) == [in_2, up_1, in_1]
+    assert listed(metadata={"flow": ["sign-in"], "user": ["1"]}) == [in_1]
+    assert listed(metadata={"flow": ["sign-in", "sign-up"], "user": ["1"]}) == [up_1, in_1]
+    assert listed(metadata={"flow": ["reset"], "user": ["1"]}) == []
+    assert listed(metadata={"user": "2"}) == [in_2]
+    assert listed(metadata={"flow": ["reset"]}) == [reset]
+    assert untagged in listed(metadata={})
+
+    # Exact matches only: no prefixes, no other case, no value found under another key.
+    assert listed(metadata={"flow": ["sign"]}) == []
+    assert listed(metadata={"flow": ["Sign-in"]}) == []
+    assert listed(metadata={"user": ["sign-in"]}) == []
+    assert listed(metadata={"missing": ["1"]}) == []
+    assert listed(metadata={"flow": []}) == []
+
+    # Combined with other filters.
+    deferq.cancel_execution(in_1)
+    assert listed(metadata={"user": ["1"]}, states=["created"]) == [up_1]
+    assert listed(metadata={"user": ["1"]}, functions=[other_job]) == []
+
+
+def test_filter_by_unicode_metadata(app: App) -> None:
+    tokyo = add_metadata(job, {"町": "東京", "emoji": "🎉"})(1).id
+    osaka = add_metadata(job, {"町": "大阪", "emoji": "🎊"})(2).id
+    hebrew = add_metadata(job, {"עיר": "ירושלים", "emoji": "🎉"})(3).id
+
+    assert listed(metadata={"町": ["東京"]}) == [tokyo]
+    assert listed(metadata={"町": ["東京", "大阪"]}) == [osaka, tokyo]
+    assert listed(metadata={"emoji": ["🎉"]}) == [hebrew, tokyo]
+    assert listed(metadata={"עיר": ["ירושלים"], "emoji": ["🎉"]}) == [hebrew]
+    assert listed(metadata={"町": ["京"]}) == []
+    assert deferq.get_execution(hebrew).metadata == {"עיר": "ירושלים", "emoji": "🎉"}
+
+
+def test_filter_by_scheduled_time(app: App) -> None:
+    now = app.store.now()
+    due = job(0).id
+    hours = {n: deferq.get_execution(delay(job, f"{n}h")(n).id) for n in (1, 2, 3)}
+    two = hours[2]
+
+    assert listed(
+        scheduled_between=(now + timedelta(minutes=90), now + timedelta(minutes=150))
+    ) == [two.id]
+    assert listed(scheduled_between=(now + timedelta(minutes=30), None)) == [
+        hours[3].id,
+        two.id,
+        hours[1].id,
+    ]
+    assert listed(scheduled_between=(None, now + timedelta(minutes=30))) == [due]
+    assert listed(scheduled_between=(None, None)) == listed()
+    # The start is included, the end is not.
+    exact = two.scheduled_for
+    assert listed(scheduled_between=(exact, exact + timedelta(microseconds=1))) == [two.id]
+    assert two.id not in listed(scheduled_between=(None, exact))
+    assert listed(scheduled_between=(exact, None)) == [hours[3].id, two.id]
+
+
+def test_filter_by_started_time(app: App) -> None:
+    early = [job(n).id for n in range(3)]
+    run_due(functions=[job])
+    mark = app.store.now()
+    late = [other_job(n).id for n in range(2)]
+    run_due(functions=[other_job])
+    never = delay(job, "1h")(9).id
+
+    for execution_id in early:
+        started = deferq.get_execution(execution_id).started_at
+        assert started is not None and started < mark
+    assert listed(started_between=(mark, None)) == late[::-1]
+    assert listed(started_between=(None, mark)) == early[::-1]
+    # Executions that never started are outside any started range.
+    assert listed(started_between=(None, mark + timedelta(hours=2))) == (early + late)[::-1]
+    assert never not in listed(started_between=(mark - timedelta(days=1), None))
+    assert listed(started_between=(mark + timedelta(hours=1), None)) == []
+
+
+def test_cursor_pagination_has_no_duplicates_and_no_gaps(app: App) -> None:
+    made = [e.id for e in job.enqueue_many([(n,) for n in range(12)])]
+    made += [other_job(n).id for n in range(11)]
+    newest_first = made[::-1]
+
+    pages = all_pages(5)
+    assert [len(p) for p in pages] == [5, 5, 5, 5, 3]
+    assert [i for p in pages for i in p] == newest_first
+
+    ones = all_pages(1)
+    assert [i for p in ones for i in p] == newest_first
+
+    exact = all_pages(23)
+    assert exact == [newest_first]
+
+    jobs = all_pages(4, functions=[job])
+    assert [len(p) for p in jobs] == [4, 4, 4]
+    assert [i for p in jobs for i in p] == made[:12][::-1]
+
+
+def test_pages_stay_stable_while_executions_are_added(app: App) -> None:
+    made = [job(n).id for n in range(10)]
+    first = deferq.list_executions(first=4)
+    added = [job(100 + n).id for n in range(5)]
+    seen = ids(first.items)
+    cursor = first.next_cursor
+    while cursor is not None:
+        page = deferq.list_executions(first=4, after=cursor)
+        seen += ids(page.items)
+        cursor = page.next_cursor
+    assert seen == made[::-1]
+    assert listed()[:5] == added[::-1]
+
+
+@pytest.mark.parametrize(
+    ("filters", "error", "fragment"),
+    [
+        ({"first": 0}, ValueError, "first"),
+        ({"first": -1}, ValueError, "first"),
+        ({"first": 1001}, ValueError, "1001"),
+        ({"first": "10"}, ValueError, "'10'"),
+        ({"first": 2.5}, ValueError, "2.5"),
+        ({"states": ["bogus"]}, ValueError, "'bogus'"),
+        ({"states": ["created", "done"]}, ValueError, "'done'"),
+        ({"after": 123}, TypeError, "123"),
+        ({"scheduled_between": ("2026-01-01",)}, ValueError, "scheduled_between"),
+        ({"started_between": "yesterday"}, ValueError, "started_between"),
+        ({"started_between": (datetime(2026, 1, 1), None)}, ValueError, "2026"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(
+    app: App, filters: dict[str, Any], error: type[Exception], fragment: str
+) -> None:
+    job(1)
+    with pytest.raises(error) as info:
+        deferq.list_executions(**filters)
+    assert fragment in str(info.value)
+
+
+def test_an_unknown_state_names_the_known_ones(app: App) -> None:
+    with pytest.raises(ValueError) as info:
+        deferq.list_executions(states=["finished"])
+    for state in ExecutionState:
+        assert state.value in str(info.value)
+
+
+def test_the_largest_page(app: App) -> None:
+    job.enqueue_many([(n,) for n in range(1001)])
+    page = deferq.list_executions(first=1000)
+    assert len(page.items) == 1000
+    rest = deferq.list_executions(first=1000, after=page.next_cursor)
+    assert len(rest.items) == 1 and rest.next_cursor is None
+    assert rest.items[0].arguments["args"] == [0]
