@@ -65,6 +65,12 @@ def _app(ctx: click.Context) -> App:
     help="Executions claimed ahead of free slots: more throughput for short functions "
     "[default: as many as slots]",
 )
+@click.option(
+    "--retention",
+    type=DURATION,
+    default="7d",
+    help="Finished executions older than this are deleted (0: keep them all)",
+)
 @click.option("--name", help="A name for this worker in logs and attempts")
 @click.pass_context
 def worker(
@@ -76,6 +82,7 @@ def worker(
     lost_after: timedelta,
     poll_interval: timedelta,
     prefetch: int | None,
+    retention: timedelta,
     name: str | None,
 ) -> None:
     """Import MODULES and run due executions of their background functions."""
@@ -89,6 +96,7 @@ def worker(
             lost_after=lost_after,
             poll_interval=poll_interval,
             prefetch=prefetch,
+            retention=retention,
             name=name,
         )
         runner = Worker(modules, app=_app(ctx), settings=settings)

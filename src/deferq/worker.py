@@ -55,6 +55,7 @@ class WorkerSettings:
         poll_interval: timedelta = timedelta(seconds=1),
         abort_check_interval: timedelta = timedelta(milliseconds=250),
         prefetch: int | None = None,
+        retention: timedelta = timedelta(days=7),
         name: str | None = None,
     ) -> None:
         self.slots = slots if slots is not None else max(2, os.cpu_count() or 2)
@@ -75,6 +76,7 @@ class WorkerSettings:
         self.poll_interval = poll_interval
         self.abort_check_interval = abort_check_interval
         self.prefetch = prefetch
+        self.retention = retention
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -491,6 +493,8 @@ class Worker:
             ("rescuer", self._rescue_lost_attempts, self.settings.lost_after / 3),
             ("discarder", self._discard_expired, timedelta(milliseconds=250)),
         ]
+        if self.settings.retention > timedelta(0):
+            tasks.append(("pruner", self._prune_finished, timedelta(minutes=1)))
         if self.cron_functions:
             from deferq.scheduler import Scheduler
 
@@ -576,6 +580,14 @@ class Worker:
             logger.info(
                 "Discarded executions past their discard_after",
                 extra={"action": "discard_executions", "count": count},
+            )
+
+    def _prune_finished(self) -> None:
+        count = self.app.store.prune_finished(self.settings.retention)
+        if count:
+            logger.info(
+                "Pruned finished executions",
+                extra={"action": "prune_executions", "count": count},
             )
 
     # Shutdown
