@@ -269,3 +269,18 @@ def test_the_largest_page(app: App) -> None:
     rest = deferq.list_executions(first=1000, after=page.next_cursor)
     assert len(rest.items) == 1 and rest.next_cursor is None
     assert rest.items[0].arguments["args"] == [0]
+
+
+def test_an_open_started_range_lists_only_executions_that_started(app: object) -> None:
+    import deferq
+    from deferq.testing import run_due
+    from tests.tasks import basic
+
+    ran = basic.add(1, 1)
+    run_due(functions=[basic.add])
+    waiting = deferq.delay(basic.add, "1h")(2, 2)
+
+    listed = [e.id for e in deferq.list_executions(started_between=(None, None)).items]
+
+    assert listed == [ran.id]
+    assert waiting.id not in listed

@@ -66,6 +66,8 @@ def build_where(
     ):
         if between is None:
             continue
+        # A range, even an open one, asks for executions that have that time at all.
+        clauses.append(f"{column} IS NOT NULL")
         start, end = between
         if start is not None:
             clauses.append(f"{column} >= {placeholder}")
