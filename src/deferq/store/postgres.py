@@ -414,20 +414,7 @@ class PostgresStore(Store):
             if limits.concurrency is None or len(rows) >= limit:
                 continue
             rows += self._claim_limited(conn, worker_id, name, limits, limit - len(rows), horizon)
-        return [
-            ClaimedAttempt(
-                execution_id=r[0],
-                function_name=r[1],
-                arguments=r[2],
-                number=r[3],
-                failed_attempts=r[4],
-                retry_policy=r[5],
-                max_duration=r[6],
-                discard_after=_utc(r[7]),
-                started_at=r[8].astimezone(UTC),
-            )
-            for r in rows
-        ]
+        return [_claimed(r) for r in rows]
 
     def _claim_limited(
         self,
@@ -516,20 +503,7 @@ class PostgresStore(Store):
                     "attempts": len(rows),
                 },
             )
-        return [
-            ClaimedAttempt(
-                execution_id=r[0],
-                function_name=r[1],
-                arguments=r[2],
-                number=r[3],
-                failed_attempts=r[4],
-                retry_policy=r[5],
-                max_duration=r[6],
-                discard_after=_utc(r[7]),
-                started_at=r[8].astimezone(UTC),
-            )
-            for r in rows
-        ]
+        return [_claimed(r) for r in rows]
 
     def next_due_in(self) -> timedelta | None:
         with self._conn() as conn:
@@ -615,6 +589,21 @@ def _metadata_clause(key: str, values: list[str]) -> tuple[str, list[Any]]:
     # One containment test per value, so the GIN index answers each.
     tests = " OR ".join(["metadata @> %s::jsonb"] * len(values))
     return f"({tests})", [json.dumps({key: v}, ensure_ascii=False) for v in values]
+
+
+def _claimed(row: Sequence[Any]) -> ClaimedAttempt:
+    """A claimed attempt from the columns the claim and lost-worker queries return."""
+    return ClaimedAttempt(
+        execution_id=row[0],
+        function_name=row[1],
+        arguments=row[2],
+        number=row[3],
+        failed_attempts=row[4],
+        retry_policy=row[5],
+        max_duration=row[6],
+        discard_after=_utc(row[7]),
+        started_at=row[8].astimezone(UTC),
+    )
 
 
 def _finish_params(report: AttemptReport) -> dict[str, Any]:

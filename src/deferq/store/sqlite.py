@@ -417,22 +417,8 @@ class SQLiteStore(Store):
         if not ids:
             return []
         rows = conn.execute(Q["start_executions"], (now, worker_id, json.dumps(ids))).fetchall()
-        rows.sort(key=lambda r: (r[8], r[0]))
-        started_at = from_us(now)
-        claimed = [
-            ClaimedAttempt(
-                execution_id=r[0],
-                function_name=r[1],
-                arguments=r[2],
-                number=r[3],
-                failed_attempts=r[4],
-                retry_policy=r[5],
-                max_duration=r[6],
-                discard_after=from_us(r[7]),
-                started_at=started_at,  # type: ignore[arg-type]
-            )
-            for r in rows
-        ]
+        rows.sort(key=lambda r: (r[9], r[0]))
+        claimed = [_claimed(r) for r in rows]
         conn.executemany(
             Q["insert_attempt"], [(c.execution_id, c.number, worker_id, now) for c in claimed]
         )
@@ -522,22 +508,11 @@ class SQLiteStore(Store):
                     Q["declare_lost_workers"], (now, now - lost_after // timedelta(microseconds=1))
                 ).fetchall()
             ]
-            attempts = []
-            for worker_id in lost:
-                for row in conn.execute(Q["running_of_worker"], (worker_id,)).fetchall():
-                    attempts.append(
-                        ClaimedAttempt(
-                            execution_id=row[0],
-                            function_name=row[1],
-                            arguments=row[2],
-                            number=row[3],
-                            failed_attempts=row[4],
-                            retry_policy=row[5],
-                            max_duration=row[6],
-                            discard_after=from_us(row[7]),
-                            started_at=from_us(row[8]),  # type: ignore[arg-type]
-                        )
-                    )
+            attempts = [
+                _claimed(row)
+                for worker_id in lost
+                for row in conn.execute(Q["running_of_worker"], (worker_id,)).fetchall()
+            ]
         if lost:
             logger.warning(
                 "Declared workers lost",
@@ -593,6 +568,21 @@ class _DataVersionWatcher(Watcher):
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _claimed(row: Sequence[Any]) -> ClaimedAttempt:
+    """A claimed attempt from the columns the claim and lost-worker queries return."""
+    return ClaimedAttempt(
+        execution_id=row[0],
+        function_name=row[1],
+        arguments=row[2],
+        number=row[3],
+        failed_attempts=row[4],
+        retry_policy=row[5],
+        max_duration=row[6],
+        discard_after=from_us(row[7]),
+        started_at=from_us(row[8]),  # type: ignore[arg-type]
+    )
 
 
 def _metadata_clause(key: str, values: list[str]) -> tuple[str, list[Any]]:

@@ -58,7 +58,7 @@ UPDATE deferq_executions
 SET state = 'started', started_at = ?, attempts = attempts + 1, worker_id = ?
 WHERE id IN (SELECT value FROM json_each(?)) AND state = 'created'
 RETURNING id, function_name, arguments, attempts, failed_attempts, retry_policy, max_duration,
-    discard_after, scheduled_for
+    discard_after, started_at, scheduled_for
 
 -- name: insert_attempt
 INSERT INTO deferq_attempts (execution_id, number, worker_id, started_at, outcome)
