@@ -32,7 +32,7 @@ from deferq.app import App
 from deferq.models import Attempt, Execution
 from tests.support import WorkerProcess, wait_until
 from tests.tasks import control
-from tests.tasks.control import starts
+from tests.tasks.control import process_alive, starts
 
 MODULE = "tests.tasks.control"
 FAST_LOSS = ("--heartbeat-interval", "200ms", "--lost-after", "1s")
@@ -71,7 +71,7 @@ def workers(app: App, store_url: str, tmp_path: Path) -> Iterator[Callable[..., 
     yield start
     for worker in started:
         worker.__exit__(None, None, None)
-    for path in sorted(tmp_path.glob("worker*.log")) + sorted(tmp_path.glob("w-*.log")):
+    for path in sorted(p for p in tmp_path.glob("*.log") if p.name != "runs.log"):
         print(f"--- {path.name}")
         print("\n".join(path.read_text(errors="replace").splitlines()[-40:]))
 
@@ -121,10 +121,6 @@ def assert_no_overlap(attempts: list[Attempt]) -> None:
         assert earlier.finished_at <= later.started_at, (earlier, later)
 
 
-def pid_alive(pid: int) -> bool:
-    return control._alive(pid)
-
-
 def alive_runs_of(run: dict[str, Any], key: str) -> list[Any]:
     """The runs of `key` still alive in other processes when `run` began."""
     return [entry for entry in run["alive"] if entry[0] == key]
@@ -162,7 +158,7 @@ def test_attempt_past_max_duration_is_stopped_retried_and_never_overlaps(
         assert 1.0 <= seconds(attempt) < 2.0, f"max_duration 1s, ran {seconds(attempt):.3f}s"
     assert_no_overlap(attempts)
     first, second = starts(log, "stuck")
-    assert not pid_alive(first["pid"])
+    assert not process_alive(first["pid"])
     assert alive_runs_of(second, "stuck") == [], "the second attempt began while the first ran"
     for other in others:
         done = wait_final(app, other.id)
@@ -289,7 +285,7 @@ def test_abort_stops_the_running_attempt_without_retry(
     latency = (attempt.finished_at - at(asked)).total_seconds()
     print(f"aborted {latency:.3f}s after the request")
     assert latency < 1.0, f"stopped {latency:.3f}s after the abort"
-    assert not pid_alive(run["pid"])
+    assert not process_alive(run["pid"])
     with pytest.raises(ExecutionFailed) as failed:
         app.get_result(execution.id)
     assert failed.value.error_code == "aborted"
@@ -622,7 +618,7 @@ def test_sigkilled_worker_attempts_are_lost_and_retried_as_the_policy_allows(
     killed = time.time()
     dead.kill()
     for run in runs:  # the slots' children die with their worker
-        wait_until(lambda run=run: not pid_alive(run["pid"]), 2)
+        wait_until(lambda run=run: not process_alive(run["pid"]), 2)
     workers(*args, name="w-same")
 
     final = wait_final(app, not_retried.id, timeout=10)
@@ -672,7 +668,7 @@ def test_worker_declared_lost_while_paused_stops_its_attempts_on_resuming(
     finally:
         os.killpg(paused.pid, signal.SIGCONT)
     resumed = time.monotonic()
-    wait_until(lambda: not pid_alive(run["pid"]), 5, what="the duplicate attempt to stop")
+    wait_until(lambda: not process_alive(run["pid"]), 5, what="the duplicate attempt to stop")
     assert time.monotonic() - resumed < 2.0
     assert paused.wait(10) == 1  # it stops, saying why
     final = app.get_execution(execution.id)
@@ -680,11 +676,6 @@ def test_worker_declared_lost_while_paused_stops_its_attempts_on_resuming(
     assert [a.error_code for a in app.list_attempts(execution.id)] == ["worker_lost", None]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a rescuer that marks a worker lost and dies before recording its attempts' ends "
-    "leaves them `started` for good: marking and recording are two transactions",
-)
 def test_attempts_of_a_lost_worker_survive_a_rescuer_dying_midway(
     app: App, workers: Any, log: str
 ) -> None:

@@ -112,6 +112,17 @@ def interrupted(claimed: ClaimedAttempt) -> AttemptReport:
     )
 
 
+def unbegun(claimed: ClaimedAttempt, reason: str) -> AttemptReport:
+    """The report of an attempt claimed but never handed to a slot: back to `created` (or
+    `discarded`, past its discard_after), no retry used."""
+    return AttemptReport(
+        claimed.execution_id,
+        claimed.number,
+        AttemptOutcome.INTERRUPTED,
+        error_message=f"not begun: {reason}",
+    )
+
+
 # The child process side
 
 

@@ -24,17 +24,22 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import wait as wait_for_any
 from typing import Any
 
 from deferq.app import App, default_app
 from deferq.functions import BackgroundFunction, registry
 from deferq.models import AttemptOutcome, ErrorCode
-from deferq.runner import child_main, failure, import_modules, interrupted, report
+from deferq.runner import child_main, failure, import_modules, interrupted, report, unbegun
 from deferq.store.base import AttemptReport, ClaimedAttempt, FunctionLimits, StoreUnavailable
 
 logger = logging.getLogger("deferq.worker")
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
 
 _spawn = multiprocessing.get_context("spawn")
 
@@ -324,18 +329,22 @@ class Worker:
             return []
 
     def _feed_slots(self) -> None:
-        """Hand buffered attempts to free slots; the attempt's time starts now."""
+        """Hand buffered attempts to free slots; the attempt's time starts now. One asked to
+        abort, or past its discard_after, while it waited ends here without beginning."""
         if not self.buffer:
             return
         for slot in self.slots:
-            if slot.free and self.buffer:
+            while slot.free and self.buffer:
                 claimed = self.buffer.popleft()
                 if claimed.execution_id in self.aborting:
                     self._finish(claimed, failure(claimed, "aborted", "aborted before it began"))
-                    continue
-                slot.send(claimed)
-                self.running_count += 1
-                self.log_started(claimed)
+                elif claimed.discard_after is not None and claimed.discard_after <= _utc_now():
+                    # The store discards it: its retry time (now) is past discard_after.
+                    self._finish(claimed, unbegun(claimed, "its discard_after passed"))
+                else:
+                    slot.send(claimed)
+                    self.running_count += 1
+                    self.log_started(claimed)
 
     def _wait(
         self, now: float, wake_at: float | None, watcher: Any, grace_end: float | None = None
@@ -470,7 +479,7 @@ class Worker:
             self._finish_unbegun(self.buffer.popleft())
 
     def _finish_unbegun(self, claimed: ClaimedAttempt) -> None:
-        self._finish(claimed, interrupted(claimed))
+        self._finish(claimed, unbegun(claimed, "the worker stopped before it began"))
 
     def _flush_reports(self) -> None:
         for _ in range(20):

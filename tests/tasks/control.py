@@ -32,7 +32,7 @@ RETRY_LATER = RetryPolicy(3, initial_interval="1h", randomization_factor=0)
 _this_run: dict[str, Any] = {}
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError, IndexError):
@@ -63,7 +63,7 @@ def begin(log: str, key: str, group: str = "") -> dict[str, Any]:
         alive = [
             [entry["key"], entry["group"]]
             for pid, entry in latest.items()
-            if entry["run"] not in ended and pid != os.getpid() and _alive(pid)
+            if entry["run"] not in ended and pid != os.getpid() and process_alive(pid)
         ]
         entry = {
             "event": "start",

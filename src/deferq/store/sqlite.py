@@ -508,11 +508,7 @@ class SQLiteStore(Store):
                     Q["declare_lost_workers"], (now, now - lost_after // timedelta(microseconds=1))
                 ).fetchall()
             ]
-            attempts = [
-                _claimed(row)
-                for worker_id in lost
-                for row in conn.execute(Q["running_of_worker"], (worker_id,)).fetchall()
-            ]
+            attempts = [_claimed(r) for r in conn.execute(Q["running_of_lost_workers"])]
         if lost:
             logger.warning(
                 "Declared workers lost",

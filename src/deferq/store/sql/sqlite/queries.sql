@@ -113,11 +113,15 @@ UPDATE deferq_workers SET lost_at = ?
 WHERE lost_at IS NULL AND stopped_at IS NULL AND heartbeat_at < ?
 RETURNING id
 
--- name: running_of_worker
+-- name: running_of_lost_workers
+-- Every attempt still held by a worker declared lost (or stopped): those just declared, and
+-- those a rescuer that died midway left behind. Storing their reports is idempotent.
 SELECT e.id, e.function_name, e.arguments, e.attempts, e.failed_attempts, e.retry_policy,
     e.max_duration, e.discard_after, e.started_at
-FROM deferq_executions e
-WHERE e.worker_id = ? AND e.state IN ('started', 'aborting')
+FROM deferq_executions e INDEXED BY deferq_executions_running
+JOIN deferq_workers w ON w.id = e.worker_id
+WHERE e.state IN ('started', 'aborting')
+    AND (w.lost_at IS NOT NULL OR w.stopped_at IS NOT NULL)
 
 -- name: prune_finished
 DELETE FROM deferq_executions WHERE finished_at IS NOT NULL AND finished_at < ?
