@@ -736,3 +736,15 @@ def test_rerun_a_failed_execution(app: App) -> None:
     assert deferq.get_execution(failed.id).state == "failed"
     assert deferq.get_execution(failed.id).attempts == 1
     assert {e.id for e in stored()} == {failed.id, copy.id}
+
+
+def test_a_call_the_function_cannot_accept_is_refused_and_nothing_stored(app: App) -> None:
+    from tests.tasks import basic
+
+    with pytest.raises(TypeError, match=r"cannot call tests\.tasks\.basic\.add: .*positional"):
+        basic.add(1, 2, 3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'c'"):
+        basic.add(1, 2, c=3)
+    with pytest.raises(TypeError, match="missing a required argument"):
+        basic.add(1)
+    assert list(deferq.list_executions()) == []

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -138,7 +139,16 @@ def test_ls_refuses_bad_filters(store_url: str, executions: dict[str, Any]) -> N
 
 
 def test_ls_on_an_empty_store(app: App, store_url: str) -> None:
+    app.store.migrate()
     assert ok(store_url, "ls") == ""
+
+
+def test_a_mistyped_sqlite_path_is_reported_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "nodir" / "deferq.sqlite3"
+    result = cli(f"sqlite:///{missing}", "ls")
+    assert result.returncode == 1
+    assert str(missing) in result.stderr
+    assert not missing.parent.exists()
 
 
 def test_the_url_can_be_given_as_a_flag(store_url: str, executions: dict[str, Any]) -> None:

@@ -81,7 +81,7 @@ class App:
             with self._lock:
                 if self._store is None:
                     self._store = open_store(self.url)
-                    logger.info(
+                    logger.debug(
                         "Using store",
                         extra={"action": "open_store", "store": redact(self.url)},
                     )
@@ -101,6 +101,7 @@ class App:
     ) -> NewExecution:
         """Validate one call and turn it into the row to store. Raises before anything is
         stored when an argument cannot be stored exactly."""
+        fn.check_arguments(args, kwargs)
         options = fn.call_options
         scheduled = options.delay if options.delay is not None else timedelta(0)
         if options.discard_after is not None:

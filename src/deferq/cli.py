@@ -7,6 +7,8 @@ Every option can also come from an environment variable: `DEFERQ_URL`, `DEFERQ_S
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from datetime import timedelta
 from typing import Any
@@ -18,6 +20,7 @@ from deferq.durations import format_duration, parse_duration
 from deferq.errors import DeferqError
 from deferq.logs import configure_logging
 from deferq.models import Execution
+from deferq.store.sqlite import path_from_url
 
 
 class Duration(click.ParamType):
@@ -48,7 +51,16 @@ def main(ctx: click.Context, url: str | None, verbose: int, quiet: int) -> None:
 
 
 def _app(ctx: click.Context) -> App:
+    """The app for commands that read or change executions: an SQLite store must exist
+    already, so a mistyped path is reported instead of silently creating an empty store."""
     app: App = ctx.find_root().obj
+    if app.url.startswith("sqlite:"):
+        path = path_from_url(app.url)
+        if not os.path.exists(path):
+            raise click.ClickException(
+                f"no store at {path!r} (from {app.url!r}): check DEFERQ_URL or --url; "
+                "a worker or the first call of a background function creates it"
+            )
     return app
 
 
@@ -99,8 +111,15 @@ def worker(
             retention=retention,
             name=name,
         )
-        runner = Worker(modules, app=_app(ctx), settings=settings)
-    except (ValueError, ImportError, DeferqError) as exc:
+        runner = Worker(modules, app=ctx.find_root().obj, settings=settings)
+    except ImportError as exc:
+        logging.getLogger("deferq").debug("Import failed", exc_info=True)
+        raise click.ClickException(
+            f"cannot import {' '.join(modules)}: {exc}. Modules are dotted names "
+            "(myapp.tasks), imported from the current directory and PYTHONPATH; -v shows "
+            "the traceback"
+        ) from exc
+    except (ValueError, DeferqError) as exc:
         raise click.ClickException(str(exc)) from exc
     runner.install_signal_handlers()
     sys.exit(runner.run())
@@ -110,7 +129,8 @@ def worker(
 @click.pass_context
 def migrate(ctx: click.Context) -> None:
     """Create or update the store's tables."""
-    _app(ctx).store.migrate()
+    app: App = ctx.find_root().obj
+    _run(lambda: app.store.migrate())
     click.echo("store is up to date")
 
 

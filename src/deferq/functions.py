@@ -69,6 +69,10 @@ class BackgroundFunction(Generic[P, R]):
         self.call_options = call_options or CallOptions()
         self.cron = cron
         self.is_async = inspect.iscoroutinefunction(fn)
+        try:
+            self._signature: inspect.Signature | None = inspect.signature(fn)
+        except (TypeError, ValueError):  # some builtins have none: nothing to check
+            self._signature = None
         self._app = app
         functools.update_wrapper(self, fn)
 
@@ -82,6 +86,15 @@ class BackgroundFunction(Generic[P, R]):
         from deferq.app import default_app
 
         return default_app()
+
+    def check_arguments(self, args: Any, kwargs: Any) -> None:
+        """Refuse, before anything is stored, a call the function could not accept."""
+        if self._signature is None:
+            return
+        try:
+            self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"cannot call {self.name}: {exc}") from None
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Execution:
         """Store an execution of this function with these arguments; return it at once."""

@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import wait as wait_for_any
 from typing import Any
 
-from deferq.app import App, default_app
+from deferq.app import App, default_app, redact
 from deferq.functions import BackgroundFunction, registry
 from deferq.models import AttemptOutcome, ErrorCode
 from deferq.runner import child_main, failure, import_modules, interrupted, report, unbegun
@@ -197,6 +197,7 @@ class Worker:
                 "worker_name": self.settings.name,
                 "slots": self.settings.slots,
                 "functions": sorted(self.functions),
+                "store": redact(self.app.url),
             },
         )
         side_tasks = self._start_side_tasks()

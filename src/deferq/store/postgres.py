@@ -1,25 +1,35 @@
 """The PostgreSQL store: many workers on many machines share one database.
 
-The database clock decides what is due, what has expired and which worker is lost. Claims
-take rows with `FOR UPDATE SKIP LOCKED`; a concurrency-limited function is claimed under an
-advisory lock of its own. Enqueueing notifies listening workers (LISTEN/NOTIFY), so an idle
-worker starts new work without polling.
+The database clock decides what is due, what has expired and which worker is lost: callers
+hand relative times to the database, which adds them to its `now()`. Claims take rows with
+`FOR UPDATE SKIP LOCKED`, in batches, in one statement; a concurrency-limited function is
+claimed under an advisory lock of its own. Enqueueing sends NOTIFY in the same statement, so
+a worker waiting on its LISTEN connection starts new work without polling.
+
+Connections come from a small pool of this module's own: a connection is taken by one call
+at a time, checked for news from the server (a restart, a terminated backend) without a
+round trip, and given back. The single-call enqueue, the hottest path, runs a statement
+prepared once per connection straight through libpq: one round trip, one commit.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import select
+import struct
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
+from psycopg import pq, sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
 
 from deferq.errors import (
     ConfigurationError,
@@ -46,127 +56,212 @@ from deferq.store.listing import build_where, validate_query
 logger = logging.getLogger("deferq.store")
 
 Q = load_queries("postgres")
-MIGRATION_LOCK = 0x64656665_7271  # "deferq": serializes migrations in one database
-POOL_SIZE = 8
+RECORD = f"WITH {Q['record_ctes']}\n{Q['record_result']}"
+CLAIM = f"WITH {Q['claim_ctes']}\n{Q['claim_result']}"
+RECORD_AND_CLAIM = f"WITH {Q['record_ctes']},\n{Q['claim_ctes']}\n{Q['claim_result']}"
+
+MIGRATION_LOCK = 0x64656665_7271  # "deferq": one migrating process at a time per database
+MAX_IDLE_CONNECTIONS = 16
+"""Connections a process keeps open between calls; more are opened while more calls run at
+once, and closed when they end."""
+LISTEN_RETRY_SECONDS = 1.0
+"""How often a worker whose LISTEN connection broke tries to listen again."""
+FALLBACK_POLL_SECONDS = 0.25
+"""How often a worker without a LISTEN connection looks for new work."""
+
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_INT8 = struct.Struct(">q")
+_INSERT_ONE = b"deferq_insert_execution"
+_INSERT_ONE_SQL = Q["insert_execution"].encode()
+_IDLE = pq.TransactionStatus.IDLE
+_STATES = {
+    AttemptOutcome.SUCCEEDED: "succeeded",
+    AttemptOutcome.FAILED: "failed",
+    AttemptOutcome.ABORTED: "aborted",
+    AttemptOutcome.INTERRUPTED: "created",
+}
 
 
-def _split(when: When | None) -> tuple[datetime | None, float | None]:
-    """(absolute, relative seconds) for a query's coalesce(at, now() + in)."""
+def conninfo_from_url(url: str) -> str:
+    """The libpq connection string of a store URL (`postgresql://` or `postgres://`), with
+    the session settings the store relies on: UTF-8 text and UTC times."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(f"invalid PostgreSQL store URL: {exc}") from exc
+    options = params.get("options", "")
+    params["options"] = f"{options} -c TimeZone=UTC".strip()
+    params["client_encoding"] = "UTF8"
+    params.setdefault("application_name", "deferq")
+    return make_conninfo("", **params)
+
+
+def _micros(delta: timedelta) -> int:
+    return delta // timedelta(microseconds=1)
+
+
+def _split(when: When | None) -> tuple[datetime | None, int | None]:
+    """(instant, microseconds from now): the two halves of `coalesce(at, now() + us)`."""
     if when is None:
         return None, None
     if isinstance(when, timedelta):
-        return None, when.total_seconds()
-    if when.tzinfo is None or when.utcoffset() is None:
-        raise ValueError(f"expected an aware datetime, got naive {when.isoformat()!r}")
-    return when, None
+        return None, _micros(when)
+    return _aware(when), None
+
+
+def _aware(instant: datetime) -> datetime:
+    if instant.tzinfo is None or instant.utcoffset() is None:
+        raise ValueError(f"expected an aware datetime, got naive {instant.isoformat()!r}")
+    return instant
 
 
 def _utc(value: datetime | None) -> datetime | None:
     return None if value is None else value.astimezone(UTC)
 
 
-def conninfo_from_url(url: str) -> str:
-    """psycopg takes postgresql:// URLs as they are; `postgres://` is accepted too."""
-    if url.startswith("postgres://"):
-        url = "postgresql://" + url[len("postgres://") :]
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "application_name"]
-    query.append(("application_name", "deferq"))
-    return urlunsplit(parts._replace(query=urlencode(query)))
+def _at(when: When | None, now: datetime) -> datetime | None:
+    """The instant `when` names, as the database computed it from its `now`."""
+    if when is None:
+        return None
+    if isinstance(when, timedelta):
+        return now + timedelta(microseconds=_micros(when))
+    return when.astimezone(UTC)
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"PostgreSQL store unavailable: {exc}".strip())
+
+
+# Connections
+
+
+class _Connection:
+    """A pooled connection, the poll object that tells whether the server sent anything
+    while it sat idle, and whether the hot-path statement is prepared on it."""
+
+    __slots__ = ("conn", "pgconn", "poller", "generation", "prepared")
+
+    def __init__(self, conn: psycopg.Connection[Any], generation: int) -> None:
+        self.conn = conn
+        self.pgconn = conn.pgconn
+        self.poller = select.poll()
+        self.poller.register(self.pgconn.socket, select.POLLIN)
+        self.generation = generation
+        self.prepared = False
+
+    def usable(self) -> bool:
+        """An idle connection has nothing to read unless the server closed it or is
+        closing it (a restart, `pg_terminate_backend`): then it is of no more use."""
+        return not self.poller.poll(0) and self.pgconn.status == pq.ConnStatus.OK
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self.conn.close()
+
+
+class _Pool:
+    """Idle connections, most recently used first. Taking and giving back is a deque
+    operation, safe from any thread; a connection serves one call at a time."""
+
+    def __init__(self, conninfo: str) -> None:
+        self.conninfo = conninfo
+        self.idle: collections.deque[_Connection] = collections.deque()
+        self.generation = 0
+
+    def take(self) -> _Connection:
+        while True:
+            try:
+                item = self.idle.pop()
+            except IndexError:
+                return self.connect()
+            if item.usable():
+                return item
+            item.close()
+
+    def connect(self) -> _Connection:
+        try:
+            conn = psycopg.connect(self.conninfo, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise _unavailable(exc) from exc
+        return _Connection(conn, self.generation)
+
+    def give_back(self, item: _Connection) -> None:
+        if (
+            item.generation == self.generation
+            and len(self.idle) < MAX_IDLE_CONNECTIONS
+            and item.pgconn.status == pq.ConnStatus.OK
+            and item.pgconn.transaction_status == _IDLE
+        ):
+            self.idle.append(item)
+        else:
+            item.close()
+
+    def close(self) -> None:
+        """Close idle connections; those in use are closed when given back."""
+        self.generation += 1
+        while self.idle:
+            self.idle.pop().close()
+
+
+class _Borrowed:
+    """`with store._borrow() as item:` a pooled connection for one call. A lost connection
+    or any other operational failure becomes `StoreUnavailable`."""
+
+    __slots__ = ("pool", "item")
+
+    def __init__(self, pool: _Pool) -> None:
+        self.pool = pool
+
+    def __enter__(self) -> _Connection:
+        self.item = self.pool.take()
+        return self.item
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        self.pool.give_back(self.item)
+        if isinstance(exc, psycopg.OperationalError):
+            raise _unavailable(exc) from exc
 
 
 class PostgresStore(Store):
-    """A store in a PostgreSQL database (psycopg 3, a small connection pool per process)."""
+    """A store in a PostgreSQL database (psycopg 3).
+
+    >>> store = PostgresStore("postgresql://app@db.internal/app")  # doctest: +SKIP
+
+    Tables live in the connection's current schema (set `options=-csearch_path%3D...` in
+    the URL to choose one) and are created or migrated on first use.
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.conninfo = conninfo_from_url(url)
-        self._pool: ConnectionPool | None = None
+        self._pool = _Pool(self.conninfo)
         self._lock = threading.Lock()
         self._migrated = False
         self.channel = "deferq"
+        """The notification channel; `deferq_<schema>` outside the `public` schema."""
 
-    # Connections
-
-    @property
-    def pool(self) -> ConnectionPool:
-        pool = self._pool
-        if pool is None:
-            with self._lock:
-                if self._pool is None:
-                    self._pool = ConnectionPool(
-                        self.conninfo,
-                        min_size=1,
-                        max_size=POOL_SIZE,
-                        kwargs={"autocommit": True, "prepare_threshold": 2},
-                        configure=_configure,
-                        open=True,
-                        timeout=30,
-                        name="deferq",
-                    )
-                pool = self._pool
-            if not self._migrated:
-                self.migrate()
-        return pool
-
-    @contextmanager
-    def _conn(self) -> Iterator[psycopg.Connection[Any]]:
-        pool = self.pool
-        try:
-            with pool.connection() as conn:
-                yield conn
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            pool.check()  # let the pool replace connections the server dropped
-            raise StoreUnavailable(f"PostgreSQL store unavailable: {exc}") from exc
-
-    @contextmanager
-    def _transaction(self) -> Iterator[psycopg.Connection[Any]]:
-        with self._conn() as conn, conn.transaction():
-            yield conn
+    def _borrow(self) -> _Borrowed:
+        if not self._migrated:
+            self.migrate()
+        return _Borrowed(self._pool)
 
     def close(self) -> None:
-        with self._lock:
-            if self._pool is not None:
-                self._pool.close()
-                self._pool = None
+        self._pool.close()
 
     def migrate(self) -> None:
-        if self._migrated:
-            return
-        try:
-            with psycopg.connect(self.conninfo, autocommit=True) as conn:
-                _configure(conn)
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-                    conn.execute(
-                        "CREATE TABLE IF NOT EXISTS deferq_migrations ("
-                        " version integer PRIMARY KEY, name text NOT NULL,"
-                        " applied_at timestamptz NOT NULL DEFAULT now())"
-                    )
-                    row = conn.execute("SELECT max(version) FROM deferq_migrations").fetchone()
-                    current = (row[0] if row else None) or 0
-                    for number, name, sql in load_migrations("postgres"):
-                        if number <= current:
-                            continue
-                        logger.info(
-                            "Applying migration",
-                            extra={"action": "apply_migration", "migration": name},
-                        )
-                        conn.execute(sql)
-                        conn.execute(
-                            "INSERT INTO deferq_migrations (version, name) VALUES (%s, %s)",
-                            (number, name),
-                        )
-                schema = conn.execute("SELECT current_schema()").fetchone()
-        except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"PostgreSQL store unavailable: {exc}") from exc
-        if schema and schema[0] != "public":
-            self.channel = f"deferq_{schema[0]}"
-        self._migrated = True
+        with self._lock:
+            if self._migrated:
+                return
+            with _Borrowed(self._pool) as item:
+                schema = _apply_migrations(item.conn, load_migrations("postgres"))
+            self.channel = channel_name(schema)
+            self._migrated = True
 
     def now(self) -> datetime:
-        with self._conn() as conn:
-            row = conn.execute("SELECT now()").fetchone()
+        with self._borrow() as item:
+            row = item.conn.execute("SELECT now()").fetchone()
         assert row is not None
         return row[0].astimezone(UTC)
 
@@ -174,60 +269,100 @@ class PostgresStore(Store):
 
     def enqueue(self, items: Sequence[NewExecution], connection: Any = None) -> list[Execution]:
         if connection is not None:
-            if not isinstance(connection, psycopg.Connection):
-                raise ConfigurationError(
-                    f"expected a psycopg connection to enqueue in, got {connection!r}"
-                )
-            _ = self.pool  # the schema must exist
-            return self._enqueue(connection, items)
+            return self._enqueue_in(connection, items)
         if len(items) == 1:
-            with self._conn() as conn:
-                return self._enqueue(conn, items)
-        with self._transaction() as conn:
-            return self._enqueue(conn, items)
+            return [self._enqueue_one(items[0])]
+        with self._borrow() as item:
+            row = item.conn.execute(Q["insert_executions"], self._bulk_params(items)).fetchone()
+        assert row is not None
+        return [_new_execution(i, row[0].astimezone(UTC)) for i in items]
 
-    def _enqueue(
-        self, conn: psycopg.Connection[Any], items: Sequence[NewExecution]
-    ) -> list[Execution]:
-        if len(items) == 1:
-            item = items[0]
-            row = conn.execute(Q["insert_execution"], self._insert_params(item)).fetchone()
-            assert row is not None
-            return [_new_execution(item, *row[:3])]
-        rows = conn.execute(
-            Q["insert_executions"],
-            {
-                "ids": [i.id for i in items],
-                "functions": [i.function_name for i in items],
-                "arguments": [i.arguments for i in items],
-                "metadata": [_metadata_json(i.metadata) for i in items],
-                "scheduled_at": [_split(i.scheduled)[0] for i in items],
-                "scheduled_in": [_split(i.scheduled)[1] for i in items],
-                "discard_at": [_split(i.discard)[0] for i in items],
-                "discard_in": [_split(i.discard)[1] for i in items],
-                "retry_policies": [i.retry_policy for i in items],
-                "max_durations": [i.max_duration for i in items],
-            },
-        ).fetchall()
-        conn.execute(Q["notify"], {"channel": self.channel})
-        times = {r[0]: r[1:] for r in rows}
-        return [_new_execution(i, *times[i.id]) for i in items]
+    def _enqueue_one(self, new: NewExecution) -> Execution:
+        """The single-call hot path: a prepared statement executed through libpq directly,
+        text parameters in and one binary timestamp out."""
+        scheduled_at, scheduled_us = _split(new.scheduled)
+        discard_at, discard_us = _split(new.discard)
+        params: list[Any] = [  # bytes in the text format, None for NULL
+            new.id.encode(),
+            new.function_name.encode(),
+            new.arguments.encode(),
+            json.dumps(dict(new.metadata), ensure_ascii=False).encode() if new.metadata else None,
+            None if scheduled_at is None else scheduled_at.isoformat().encode(),
+            None if scheduled_us is None else str(scheduled_us).encode(),
+            None if discard_at is None else discard_at.isoformat().encode(),
+            None if discard_us is None else str(discard_us).encode(),
+            None if new.retry_policy is None else new.retry_policy.encode(),
+            repr(float(new.max_duration)).encode(),
+            None if new.cron_tick is None else _aware(new.cron_tick).isoformat().encode(),
+            self.channel.encode(),
+        ]
+        with self._borrow() as item:
+            pgconn = item.pgconn
+            if not item.prepared:
+                _check(pgconn, pgconn.prepare(_INSERT_ONE, _INSERT_ONE_SQL))
+                item.prepared = True
+            result = pgconn.exec_prepared(_INSERT_ONE, params, result_format=1)
+            _check(pgconn, result)
+            micros = _INT8.unpack(result.get_value(0, 0))[0]  # type: ignore[arg-type]
+        return _new_execution(new, _PG_EPOCH + timedelta(microseconds=micros))
 
-    def _insert_params(self, item: NewExecution) -> dict[str, Any]:
-        scheduled_at, scheduled_in = _split(item.scheduled)
-        discard_at, discard_in = _split(item.discard)
+    def _enqueue_in(self, connection: Any, items: Sequence[NewExecution]) -> list[Execution]:
+        """Enqueue on the caller's connection, inside whatever transaction it has open: the
+        executions exist if and only if that transaction commits."""
+        if not isinstance(connection, psycopg.Connection):
+            raise ConfigurationError(
+                f"expected a psycopg (sync) connection to enqueue in, got {connection!r}"
+            )
+        if not self._migrated:
+            self.migrate()
+        try:
+            if len(items) == 1:
+                row = connection.execute(
+                    Q["insert_execution_in_transaction"], self._one_params(items[0])
+                ).fetchone()
+            else:
+                row = connection.execute(
+                    Q["insert_executions"], self._bulk_params(items)
+                ).fetchone()
+        except psycopg.OperationalError as exc:
+            raise _unavailable(exc) from exc
+        assert row is not None
+        now = row[0].astimezone(UTC)
+        return [_new_execution(i, now) for i in items]
+
+    def _one_params(self, item: NewExecution) -> dict[str, Any]:
+        scheduled_at, scheduled_us = _split(item.scheduled)
+        discard_at, discard_us = _split(item.discard)
         return {
             "id": item.id,
             "function_name": item.function_name,
             "arguments": item.arguments,
             "metadata": _metadata_json(item.metadata),
             "scheduled_at": scheduled_at,
-            "scheduled_in": scheduled_in,
+            "scheduled_us": scheduled_us,
             "discard_at": discard_at,
-            "discard_in": discard_in,
+            "discard_us": discard_us,
             "retry_policy": item.retry_policy,
             "max_duration": item.max_duration,
             "cron_tick": item.cron_tick,
+            "channel": self.channel,
+        }
+
+    def _bulk_params(self, items: Sequence[NewExecution]) -> dict[str, Any]:
+        scheduled = [_split(i.scheduled) for i in items]
+        discard = [_split(i.discard) for i in items]
+        return {
+            "ids": [i.id for i in items],
+            "functions": [i.function_name for i in items],
+            "arguments": [i.arguments for i in items],
+            "metadata": _or_empty([_metadata_json(i.metadata) for i in items]),
+            "scheduled_at": _or_empty([s[0] for s in scheduled]),
+            "scheduled_us": _or_empty([s[1] for s in scheduled]),
+            "discard_at": _or_empty([d[0] for d in discard]),
+            "discard_us": _or_empty([d[1] for d in discard]),
+            "retry_policies": _or_empty([i.retry_policy for i in items]),
+            "max_durations": [float(i.max_duration) for i in items],
+            "cron_ticks": _or_empty([i.cron_tick for i in items]),
             "channel": self.channel,
         }
 
@@ -239,48 +374,25 @@ class PostgresStore(Store):
         next_tick: datetime | None,
         now: datetime,
     ) -> tuple[datetime, datetime | None]:
-        with self._conn() as conn:
-            row = conn.execute(
-                Q["upsert_schedule"],
-                {
-                    "name": function_name,
-                    "expression": expression,
-                    "timezone": timezone,
-                    "now": now,
-                    "next_tick": next_tick,
-                },
-            ).fetchone()
+        params = {
+            "name": function_name,
+            "expression": expression,
+            "timezone": timezone,
+            "now": _aware(now),
+            "next_tick": next_tick,
+        }
+        with self._borrow() as item:
+            row = item.conn.execute(Q["upsert_schedule"], params).fetchone()
         assert row is not None
         return row[0].astimezone(UTC), _utc(row[1])
 
     def insert_cron_execution(self, item: NewExecution, next_tick: datetime | None) -> bool:
         assert item.cron_tick is not None
-        scheduled_at, scheduled_in = _split(item.scheduled)
-        with self._transaction() as conn:
-            cursor = conn.execute(
-                Q["insert_cron_execution"],
-                {
-                    "id": item.id,
-                    "function_name": item.function_name,
-                    "arguments": item.arguments,
-                    "scheduled_at": scheduled_at or item.cron_tick,
-                    "retry_policy": item.retry_policy,
-                    "max_duration": item.max_duration,
-                    "cron_tick": item.cron_tick,
-                },
-            )
-            conn.execute(
-                Q["set_last_tick"],
-                {"name": item.function_name, "tick": item.cron_tick, "next_tick": next_tick},
-            )
-            inserted = cursor.rowcount == 1
-            if inserted:
-                conn.execute(Q["notify"], {"channel": self.channel})
-        return inserted
+        params = {**self._one_params(item), "next_tick": next_tick}
+        with self._borrow() as borrowed:
+            return borrowed.conn.execute(Q["insert_cron_execution"], params).rowcount == 1
 
     def list_schedules(self) -> list[Schedule]:
-        with self._conn() as conn, conn.cursor(row_factory=dict_row) as cursor:
-            rows = cursor.execute(Q["list_schedules"]).fetchall()
         return [
             Schedule(
                 function_name=r["function_name"],
@@ -290,41 +402,40 @@ class PostgresStore(Store):
                 next_tick=_utc(r["next_tick"]),
                 seen_at=r["seen_at"].astimezone(UTC),
             )
-            for r in rows
+            for r in self._rows(Q["list_schedules"], {})
         ]
 
     def get_execution(self, execution_id: str) -> Execution | None:
-        row = self._one(Q["get_execution"], {"id": execution_id})
-        return None if row is None else _row_to_execution(row)
+        rows = self._rows(Q["get_execution"], {"id": execution_id})
+        return _row_to_execution(rows[0]) if rows else None
 
     def get_result(self, execution_id: str) -> tuple[Execution, str | None] | None:
-        row = self._one(Q["get_execution"], {"id": execution_id})
-        return None if row is None else (_row_to_execution(row), row["result"])
+        rows = self._rows(Q["get_execution"], {"id": execution_id})
+        return (_row_to_execution(rows[0]), rows[0]["result"]) if rows else None
 
-    def _one(self, sql: str, params: Mapping[str, Any]) -> dict[str, Any] | None:
-        with self._conn() as conn, conn.cursor(row_factory=dict_row) as cursor:
-            return cursor.execute(sql, params).fetchone()
+    def _rows(self, query: str, params: Any) -> list[dict[str, Any]]:
+        with self._borrow() as item, item.conn.cursor(row_factory=dict_row) as cursor:
+            return cursor.execute(query, params).fetchall()
 
     def list_executions(self, query: ExecutionQuery) -> Page:
         validate_query(query)
         where, params = build_where(query, "%s", _aware, _metadata_clause)
-        sql = f"SELECT * FROM deferq_executions WHERE {where} ORDER BY id DESC LIMIT %s"
-        with self._conn() as conn, conn.cursor(row_factory=dict_row) as cursor:
-            rows = cursor.execute(sql, [*params, query.first + 1]).fetchall()
+        rows = self._rows(
+            f"SELECT * FROM deferq_executions WHERE {where} ORDER BY id DESC LIMIT %s",
+            [*params, query.first + 1],
+        )
         items = [_row_to_execution(r) for r in rows[: query.first]]
         next_cursor = items[-1].id if len(rows) > query.first else None
         return Page(items=items, next_cursor=next_cursor)
 
     def list_attempts(self, execution_id: str) -> list[Attempt]:
-        with self._conn() as conn, conn.cursor(row_factory=dict_row) as cursor:
-            rows = cursor.execute(Q["list_attempts"], {"id": execution_id}).fetchall()
-        return [_row_to_attempt(r) for r in rows]
+        return [_row_to_attempt(r) for r in self._rows(Q["list_attempts"], {"id": execution_id})]
 
     def cancel_execution(self, execution_id: str, force: bool) -> Execution:
-        row = self._one(Q["cancel_execution"], {"id": execution_id, "force": force})
-        if row is None:
+        rows = self._rows(Q["cancel_execution"], {"id": execution_id, "force": force})
+        if not rows:
             raise ExecutionNotFound(execution_id)
-        execution = _row_to_execution(row)
+        execution = _row_to_execution(rows[0])
         # A second cancel or abort of the same execution answers with it, changing nothing.
         allowed = {ExecutionState.CANCELLED}
         if force:
@@ -334,32 +445,32 @@ class PostgresStore(Store):
         return execution
 
     def reschedule_execution(self, execution_id: str, when: When) -> Execution:
-        at, seconds = _split(when)
-        row = self._one(Q["reschedule"], {"id": execution_id, "at": at, "in": seconds})
-        if row is None:
+        at, us = _split(when)
+        rows = self._rows(Q["reschedule"], {"id": execution_id, "at": at, "us": us})
+        if not rows:
             raise ExecutionNotFound(execution_id)
-        execution = _row_to_execution(row)
+        execution = _row_to_execution(rows[0])
         if execution.state != ExecutionState.CREATED:
             raise ExecutionNotReschedulable(execution)
-        with self._conn() as conn:
-            conn.execute(Q["notify"], {"channel": self.channel})
+        with self._borrow() as item:
+            item.conn.execute(Q["notify"], {"channel": self.channel})
         return execution
 
     # Workers' side
 
     def register_worker(self, worker_id: str, name: str, host: str, pid: int) -> None:
-        with self._conn() as conn:
-            conn.execute(
+        with self._borrow() as item:
+            item.conn.execute(
                 Q["register_worker"], {"id": worker_id, "name": name, "host": host, "pid": pid}
             )
 
     def heartbeat(self, worker_id: str) -> bool:
-        with self._conn() as conn:
-            return conn.execute(Q["heartbeat"], {"id": worker_id}).rowcount == 1
+        with self._borrow() as item:
+            return item.conn.execute(Q["heartbeat"], {"id": worker_id}).rowcount == 1
 
     def unregister_worker(self, worker_id: str) -> None:
-        with self._conn() as conn:
-            conn.execute(Q["unregister_worker"], {"id": worker_id})
+        with self._borrow() as item:
+            item.conn.execute(Q["unregister_worker"], {"id": worker_id})
 
     def claim_due_executions(
         self,
@@ -378,207 +489,198 @@ class PostgresStore(Store):
         limit: int,
         horizon: timedelta = timedelta(0),
     ) -> list[ClaimedAttempt]:
-        """Record finished attempts and claim new ones in one transaction."""
+        """Record finished attempts and claim new ones in one transaction; without
+        concurrency-limited functions, in one statement (one round trip, one commit)."""
         if limit <= 0 or not functions:
             limit = 0
         if not reports and not limit:
             return []
-        with self._transaction() as conn:
-            if reports:
-                self._record(conn, reports)
-            if not limit:
-                return []
-            return self._claim(conn, worker_id, functions, limit, horizon.total_seconds())
-
-    def _claim(
-        self,
-        conn: psycopg.Connection[Any],
-        worker_id: str,
-        functions: Mapping[str, FunctionLimits],
-        limit: int,
-        horizon: float,
-    ) -> list[ClaimedAttempt]:
-        free = [name for name, f in functions.items() if f.concurrency is None]
-        rows: list[tuple[Any, ...]] = []
-        if free:
-            rows += conn.execute(
-                Q["claim"],
-                {
-                    "functions": free,
-                    "limit": limit,
-                    "worker": worker_id,
-                    "horizon": horizon,
-                },
-            ).fetchall()
-        for name, limits in functions.items():
-            if limits.concurrency is None or len(rows) >= limit:
-                continue
-            rows += self._claim_limited(conn, worker_id, name, limits, limit - len(rows), horizon)
+        params: dict[str, Any] = {"channel": self.channel}
+        if reports:
+            params.update(_record_params(reports))
+        if not limit:
+            with self._borrow() as item:
+                item.conn.execute(RECORD, params)
+            return []
+        params.update(_claim_params(worker_id, functions, limit, horizon))
+        limited = params["limited"]
+        with self._borrow() as item:
+            conn = item.conn
+            if not limited:
+                rows = conn.execute(RECORD_AND_CLAIM if reports else CLAIM, params).fetchall()
+            else:
+                # The running counts must be read after the locks are held, hence a second
+                # statement (each statement of a transaction sees what committed before it).
+                with conn.transaction():
+                    if reports:
+                        conn.execute(RECORD, params)
+                    conn.execute(Q["lock_functions"], {"names": limited})
+                    rows = conn.execute(CLAIM, params).fetchall()
         return [_claimed(r) for r in rows]
-
-    def _claim_limited(
-        self,
-        conn: psycopg.Connection[Any],
-        worker_id: str,
-        name: str,
-        limits: FunctionLimits,
-        room: int,
-        horizon: float,
-    ) -> list[tuple[Any, ...]]:
-        """Claim what fits a concurrency-limited function's free places, under its lock; with
-        the "cancel" action, cancel the due ones beyond the free places of the whole store."""
-        assert limits.concurrency is not None
-        conn.execute(Q["lock_function"], {"name": name})
-        count = conn.execute(Q["running_count"], {"name": name}).fetchone()
-        available = max(0, limits.concurrency - (count[0] if count else 0))
-        take = min(available, room)
-        rows: list[tuple[Any, ...]] = []
-        if take:
-            rows = conn.execute(
-                Q["claim"],
-                {"functions": [name], "limit": take, "worker": worker_id, "horizon": horizon},
-            ).fetchall()
-        if limits.cancel_when_limited:
-            conn.execute(
-                Q["cancel_limited"],
-                {
-                    "name": name,
-                    "keep": available - len(rows),
-                    "reason": f"concurrency limit of {limits.concurrency} reached",
-                },
-            )
-        return rows
 
     def record_attempt_reports(self, reports: Sequence[AttemptReport]) -> None:
         if reports:
-            with self._transaction() as conn:
-                self._record(conn, reports)
-
-    def _record(self, conn: psycopg.Connection[Any], reports: Sequence[AttemptReport]) -> None:
-        with conn.cursor() as cursor:
-            cursor.executemany(Q["finish_execution"], [_finish_params(r) for r in reports])
-            cursor.executemany(
-                Q["finish_attempt"],
-                [
-                    {
-                        "outcome": r.outcome.value,
-                        "error_code": r.error_code,
-                        "error_message": r.error_message,
-                        "traceback": r.traceback,
-                        "id": r.execution_id,
-                        "number": r.number,
-                    }
-                    for r in reports
-                ],
-            )
-        if any(r.outcome != AttemptOutcome.SUCCEEDED for r in reports):
-            conn.execute(Q["notify"], {"channel": self.channel})  # retries may be due
+            params = {"channel": self.channel, **_record_params(reports)}
+            with self._borrow() as item:
+                item.conn.execute(RECORD, params)
 
     def aborting_executions(self, worker_id: str) -> list[str]:
-        with self._conn() as conn:
-            rows = conn.execute(Q["aborting_executions"], {"worker": worker_id}).fetchall()
+        with self._borrow() as item:
+            rows = item.conn.execute(Q["aborting_executions"], {"worker": worker_id}).fetchall()
         return [r[0] for r in rows]
 
     def discard_expired(self) -> int:
-        with self._conn() as conn:
-            return conn.execute(Q["discard_expired"]).rowcount
+        with self._borrow() as item:
+            return item.conn.execute(Q["discard_expired"]).rowcount
 
     def declare_lost_workers(self, lost_after: timedelta) -> list[ClaimedAttempt]:
-        with self._transaction() as conn:
-            lost = [
-                r[0]
-                for r in conn.execute(
-                    Q["declare_lost_workers"], {"lost_after": lost_after.total_seconds()}
-                ).fetchall()
-            ]
-            rows = []
-            if lost:
-                rows = conn.execute(Q["running_of_workers"], {"workers": lost}).fetchall()
+        with self._borrow() as item:
+            conn = item.conn
+            lost_rows = conn.execute(
+                Q["declare_lost_workers"], {"lost_after_us": _micros(lost_after)}
+            ).fetchall()
+            rows = conn.execute(Q["running_of_lost_workers"]).fetchall()
+        lost = [r[0] for r in lost_rows]
         if lost:
             logger.warning(
                 "Declared workers lost",
-                extra={
-                    "action": "declare_workers_lost",
-                    "workers": lost,
-                    "attempts": len(rows),
-                },
+                extra={"action": "declare_workers_lost", "workers": lost, "attempts": len(rows)},
             )
         return [_claimed(r) for r in rows]
 
     def next_due_in(self) -> timedelta | None:
-        with self._conn() as conn:
-            row = conn.execute(Q["next_due"]).fetchone()
+        with self._borrow() as item:
+            row = item.conn.execute(Q["next_due"]).fetchone()
         if row is None or row[0] is None:
             return None
         return timedelta(seconds=max(0.0, float(row[0])))
 
     def prune_finished(self, older_than: timedelta) -> int:
-        with self._conn() as conn:
-            row = conn.execute(
-                Q["prune_finished"], {"older_than": older_than.total_seconds()}
+        with self._borrow() as item:
+            row = item.conn.execute(
+                Q["prune_finished"], {"older_than_us": _micros(older_than)}
             ).fetchone()
         return int(row[0]) if row else 0
 
     def watch(self) -> Watcher:
-        _ = self.pool  # the schema and channel must be known
-        return _ListenWatcher(self)
+        if not self._migrated:
+            self.migrate()  # the channel depends on the schema
+        return ListenWatcher(self.conninfo, self.channel)
 
 
-class _ListenWatcher(Watcher):
-    """LISTENs on the store's channel on a connection of its own; its socket becomes
-    readable when an execution is enqueued, rescheduled or returned for a retry. If that
-    connection breaks, it falls back to polling and tries to listen again."""
+class ListenWatcher(Watcher):
+    """LISTENs on the store's channel on a connection of its own, whose socket becomes
+    readable when an execution is enqueued, rescheduled or returned to `created`.
 
-    def __init__(self, store: PostgresStore) -> None:
-        self.store = store
+    If that connection breaks, the watcher says "maybe" every `FALLBACK_POLL_SECONDS` (the
+    worker then tries a claim) and tries to listen again every `LISTEN_RETRY_SECONDS`.
+    """
+
+    def __init__(self, conninfo: str, channel: str) -> None:
+        self.conninfo = conninfo
+        self.channel = channel
         self.conn: psycopg.Connection[Any] | None = None
+        self.poll_interval: float | None = None
+        self._retry_at = 0.0
         self._listen()
 
-    def _listen(self) -> None:
+    def _listen(self) -> bool:
+        self._retry_at = time.monotonic() + LISTEN_RETRY_SECONDS
         try:
-            conn = psycopg.connect(self.store.conninfo, autocommit=True)
-            conn.execute(f'LISTEN "{self.store.channel}"')
-        except psycopg.OperationalError:
-            self.conn = None
-            self.poll_interval = 0.5
-            return
+            conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5)
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        except psycopg.OperationalError as exc:
+            self._fall_back(exc)
+            return False
         self.conn = conn
         self.poll_interval = None
+        return True
+
+    def _fall_back(self, exc: BaseException) -> None:
+        self.close()
+        if self.poll_interval is None:
+            logger.warning(
+                "Store unavailable",
+                extra={"action": "store_unavailable", "task": "listener", "error": str(exc)},
+            )
+        self.poll_interval = FALLBACK_POLL_SECONDS
 
     def fileno(self) -> int | None:
         return None if self.conn is None else self.conn.pgconn.socket
 
     def changed(self) -> bool:
         if self.conn is None:
-            self._listen()
-            return True
+            if time.monotonic() >= self._retry_at:
+                self._listen()
+            return True  # notifications may have been missed meanwhile
         pgconn = self.conn.pgconn
         try:
             pgconn.consume_input()
-        except psycopg.OperationalError:
-            self.close()
-            self.poll_interval = 0.5
+        except psycopg.OperationalError as exc:
+            self._fall_back(exc)
             return True
         news = False
         while pgconn.notifies() is not None:
             news = True
+        if pgconn.status != pq.ConnStatus.OK:
+            self._fall_back(psycopg.OperationalError("the listening connection was closed"))
+            return True
         return news
 
     def close(self) -> None:
         if self.conn is not None:
-            with suppress(psycopg.Error):
+            with suppress(Exception):
                 self.conn.close()
             self.conn = None
 
 
-def _configure(conn: psycopg.Connection[Any]) -> None:
-    conn.execute("SET TIME ZONE 'UTC'")
+def channel_name(schema: str | None) -> str:
+    """The notification channel of a schema: NOTIFY channels are identifiers, cut (as
+    PostgreSQL cuts them) to 63 bytes."""
+    name = "deferq" if schema in (None, "public") else f"deferq_{schema}"
+    return name.encode()[:63].decode(errors="ignore")
 
 
-def _aware(instant: datetime) -> datetime:
-    if instant.tzinfo is None or instant.utcoffset() is None:
-        raise ValueError(f"expected an aware datetime, got naive {instant.isoformat()!r}")
-    return instant
+def _apply_migrations(
+    conn: psycopg.Connection[Any], migrations: Sequence[tuple[int, str, str]]
+) -> str | None:
+    """Apply the migrations not yet recorded in `deferq_migrations`, under an advisory
+    lock: processes starting together apply each exactly once. Returns the schema."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS deferq_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        row = conn.execute("SELECT max(version), current_schema() FROM deferq_migrations")
+        current, schema = row.fetchone() or (None, None)
+        for number, name, script in migrations:
+            if number <= (current or 0):
+                continue
+            logger.info(
+                "Applying migration", extra={"action": "apply_migration", "migration": name}
+            )
+            conn.execute(script.encode())  # several statements: the simple query protocol
+            conn.execute(
+                "INSERT INTO deferq_migrations (version, name) VALUES (%s, %s)", (number, name)
+            )
+    return schema
+
+
+def _check(pgconn: pq.abc.PGconn, result: pq.abc.PGresult) -> None:
+    """Raise what psycopg would for a failed libpq call."""
+    if result.status in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+        return
+    if pgconn.status != pq.ConnStatus.OK:
+        message = (result.error_message or pgconn.error_message).decode(errors="replace")
+        raise psycopg.OperationalError(message.strip() or "the connection was lost")
+    raise psycopg.errors.error_from_result(result, encoding="utf-8")
+
+
+def _or_empty(values: list[Any]) -> list[Any]:
+    """`values`, or no values at all when every one is None (unnest pads with NULLs)."""
+    return values if any(v is not None for v in values) else []
 
 
 def _metadata_json(metadata: Mapping[str, str]) -> str | None:
@@ -591,8 +693,43 @@ def _metadata_clause(key: str, values: list[str]) -> tuple[str, list[Any]]:
     return f"({tests})", [json.dumps({key: v}, ensure_ascii=False) for v in values]
 
 
+def _record_params(reports: Sequence[AttemptReport]) -> dict[str, Any]:
+    retry_us: list[int | None] = []
+    for r in reports:
+        if r.outcome == AttemptOutcome.INTERRUPTED:
+            retry_us.append(0)
+        else:
+            retry_us.append(None if r.retry_in is None else _micros(r.retry_in))
+    return {
+        "r_ids": [r.execution_id for r in reports],
+        "r_numbers": [r.number for r in reports],
+        "r_outcomes": [r.outcome.value for r in reports],
+        "r_states": [_STATES[r.outcome] for r in reports],
+        "r_retry_us": _or_empty(retry_us),
+        "r_results": _or_empty([r.result for r in reports]),
+        "r_error_codes": _or_empty([r.error_code for r in reports]),
+        "r_error_messages": _or_empty([r.error_message for r in reports]),
+        "r_tracebacks": _or_empty([r.traceback for r in reports]),
+        "r_failures": [1 if r.outcome == AttemptOutcome.FAILED else 0 for r in reports],
+    }
+
+
+def _claim_params(
+    worker_id: str, functions: Mapping[str, FunctionLimits], limit: int, horizon: timedelta
+) -> dict[str, Any]:
+    limited = sorted(name for name, f in functions.items() if f.concurrency is not None)
+    return {
+        "worker": worker_id,
+        "limit": limit,
+        "horizon_us": _micros(horizon),
+        "free": [name for name, f in functions.items() if f.concurrency is None],
+        "limited": limited,
+        "concurrency": [functions[name].concurrency for name in limited],
+        "cancel": [functions[name].cancel_when_limited for name in limited],
+    }
+
+
 def _claimed(row: Sequence[Any]) -> ClaimedAttempt:
-    """A claimed attempt from the columns the claim and lost-worker queries return."""
     return ClaimedAttempt(
         execution_id=row[0],
         function_name=row[1],
@@ -606,38 +743,16 @@ def _claimed(row: Sequence[Any]) -> ClaimedAttempt:
     )
 
 
-def _finish_params(report: AttemptReport) -> dict[str, Any]:
-    outcome = report.outcome
-    retry_in = None if report.retry_in is None else report.retry_in.total_seconds()
-    if outcome == AttemptOutcome.INTERRUPTED:
-        retry_in = 0.0
-    return {
-        "retry_in": retry_in,
-        "state": {
-            AttemptOutcome.SUCCEEDED: "succeeded",
-            AttemptOutcome.FAILED: "failed",
-            AttemptOutcome.ABORTED: "aborted",
-            AttemptOutcome.INTERRUPTED: "created",
-        }[outcome],
-        "result": report.result,
-        "error_code": report.error_code,
-        "error_message": report.error_message,
-        "counts_as_failure": 1 if outcome == AttemptOutcome.FAILED else 0,
-        "id": report.execution_id,
-        "number": report.number,
-    }
-
-
-def _new_execution(
-    item: NewExecution, created: datetime, scheduled: datetime, discard: datetime | None
-) -> Execution:
+def _new_execution(item: NewExecution, now: datetime) -> Execution:
+    scheduled = _at(item.scheduled, now)
+    assert scheduled is not None
     return Execution(
         id=item.id,
         function_name=item.function_name,
         state=ExecutionState.CREATED,
-        created_at=created.astimezone(UTC),
-        scheduled_for=scheduled.astimezone(UTC),
-        discard_after=_utc(discard),
+        created_at=now,
+        scheduled_for=scheduled,
+        discard_after=_at(item.discard, now),
         metadata=dict(item.metadata),
         arguments_json=item.arguments,
         cron_tick=item.cron_tick,

@@ -1,58 +1,90 @@
--- Named queries of the PostgreSQL store. Parameters are psycopg's %(name)s. Every "now" is
--- the database's now(), so workers' clocks never decide what is due or lost. Relative times
--- arrive as seconds (`*_in`), absolute ones as timestamptz (`*_at`).
+-- Named queries of the PostgreSQL store. Parameters are psycopg's %(name)s, except in
+-- `insert_execution`, which is prepared once per connection and takes $1..$12.
+--
+-- Where they differ from the SQLite queries (../sqlite/queries.sql):
+-- * every "now" is the database's now(), never the caller's clock: relative times arrive
+--   as microseconds (`*_us`) and are added to now() here; absolute ones as timestamptz;
+-- * batches travel as arrays (unnest) in one statement, where SQLite runs executemany;
+-- * claims lock rows with FOR UPDATE SKIP LOCKED, where SQLite holds the database lock;
+-- * enqueueing sends NOTIFY in the same statement, so idle workers wake at commit;
+-- * metadata is a jsonb column searched with @>, where SQLite has a side table.
 
 -- name: insert_execution
--- One round trip: insert, then wake listening workers (delivered at commit).
+-- The single-call hot path, prepared once per connection: one round trip and one commit.
+-- Returns now() as created_at; the store derives scheduled_for and discard_after from it
+-- exactly as the database computed them.
+INSERT INTO deferq_executions (
+    id, function_name, state, arguments, metadata, created_at, scheduled_for,
+    discard_after, retry_policy, max_duration, cron_tick
+) VALUES (
+    $1, $2, 'created', $3, $4::jsonb, now(),
+    coalesce($5::timestamptz, now() + $6::bigint * interval '1 microsecond'),
+    coalesce($7::timestamptz, now() + $8::bigint * interval '1 microsecond'),
+    $9, $10::float8, $11::timestamptz
+)
+RETURNING created_at, pg_notify($12, '')
+
+-- name: insert_execution_in_transaction
+-- The same, on a connection and in a transaction of the caller: the notification is
+-- delivered when (and only if) the caller commits.
+INSERT INTO deferq_executions (
+    id, function_name, state, arguments, metadata, created_at, scheduled_for,
+    discard_after, retry_policy, max_duration, cron_tick
+) VALUES (
+    %(id)s, %(function_name)s, 'created', %(arguments)s, %(metadata)s::jsonb, now(),
+    coalesce(%(scheduled_at)s::timestamptz,
+        now() + %(scheduled_us)s::bigint * interval '1 microsecond'),
+    coalesce(%(discard_at)s::timestamptz,
+        now() + %(discard_us)s::bigint * interval '1 microsecond'),
+    %(retry_policy)s, %(max_duration)s::float8, %(cron_tick)s::timestamptz
+)
+RETURNING created_at, pg_notify(%(channel)s, '')
+
+-- name: insert_executions
+-- Bulk: one statement over arrays, one notification. A multi-argument unnest pads shorter
+-- arrays with NULLs, so a column that is NULL for every item travels as an empty array.
 WITH inserted AS (
     INSERT INTO deferq_executions (
         id, function_name, state, arguments, metadata, created_at, scheduled_for,
         discard_after, retry_policy, max_duration, cron_tick
-    ) VALUES (
-        %(id)s, %(function_name)s, 'created', %(arguments)s, %(metadata)s::jsonb, now(),
-        coalesce(%(scheduled_at)s::timestamptz, now() + %(scheduled_in)s * interval '1 second'),
-        coalesce(%(discard_at)s::timestamptz, now() + %(discard_in)s * interval '1 second'),
-        %(retry_policy)s, %(max_duration)s, %(cron_tick)s
     )
-    RETURNING created_at, scheduled_for, discard_after
+    SELECT i, f, 'created', a, m::jsonb, now(),
+        coalesce(sa, now() + su * interval '1 microsecond'),
+        coalesce(da, now() + du * interval '1 microsecond'),
+        r, d, c
+    FROM unnest(
+        %(ids)s::text[], %(functions)s::text[], %(arguments)s::text[], %(metadata)s::text[],
+        %(scheduled_at)s::timestamptz[], %(scheduled_us)s::bigint[],
+        %(discard_at)s::timestamptz[], %(discard_us)s::bigint[],
+        %(retry_policies)s::text[], %(max_durations)s::float8[], %(cron_ticks)s::timestamptz[]
+    ) AS item(i, f, a, m, sa, su, da, du, r, d, c)
 )
-SELECT created_at, scheduled_for, discard_after, pg_notify(%(channel)s, '') FROM inserted
-
--- name: insert_executions
--- Bulk: one statement over arrays, times computed by the database.
-INSERT INTO deferq_executions (
-    id, function_name, state, arguments, metadata, created_at, scheduled_for, discard_after,
-    retry_policy, max_duration
-)
-SELECT i, f, 'created', a, m::jsonb, now(),
-    coalesce(sa, now() + si * interval '1 second'),
-    coalesce(da, now() + di * interval '1 second'),
-    r, d
-FROM unnest(
-    %(ids)s::text[], %(functions)s::text[], %(arguments)s::text[], %(metadata)s::text[],
-    %(scheduled_at)s::timestamptz[], %(scheduled_in)s::float8[],
-    %(discard_at)s::timestamptz[], %(discard_in)s::float8[],
-    %(retry_policies)s::text[], %(max_durations)s::float8[]
-) AS t(i, f, a, m, sa, si, da, di, r, d)
-RETURNING id, created_at, scheduled_for, discard_after
-
--- name: notify
-SELECT pg_notify(%(channel)s, '')
+SELECT now(), pg_notify(%(channel)s, '')
 
 -- name: insert_cron_execution
-INSERT INTO deferq_executions (
-    id, function_name, state, arguments, created_at, scheduled_for, retry_policy,
-    max_duration, cron_tick
-) VALUES (
-    %(id)s, %(function_name)s, 'created', %(arguments)s, now(), %(scheduled_at)s,
-    %(retry_policy)s, %(max_duration)s, %(cron_tick)s
+-- The uniqueness rule on (function, tick) decides which scheduler stores a tick; every one
+-- moves the schedule's last tick forward. Returns a row only if this call stored it.
+WITH inserted AS (
+    INSERT INTO deferq_executions (
+        id, function_name, state, arguments, created_at, scheduled_for, discard_after,
+        retry_policy, max_duration, cron_tick
+    ) VALUES (
+        %(id)s, %(function_name)s, 'created', %(arguments)s, now(),
+        coalesce(%(scheduled_at)s::timestamptz,
+            now() + %(scheduled_us)s::bigint * interval '1 microsecond'),
+        coalesce(%(discard_at)s::timestamptz,
+            now() + %(discard_us)s::bigint * interval '1 microsecond'),
+        %(retry_policy)s, %(max_duration)s::float8, %(cron_tick)s::timestamptz
+    )
+    ON CONFLICT (function_name, cron_tick) WHERE cron_tick IS NOT NULL DO NOTHING
+    RETURNING id
+), ticked AS (
+    UPDATE deferq_schedules
+    SET last_tick = greatest(last_tick, %(cron_tick)s::timestamptz),
+        next_tick = %(next_tick)s::timestamptz
+    WHERE function_name = %(function_name)s
 )
-ON CONFLICT (function_name, cron_tick) WHERE cron_tick IS NOT NULL DO NOTHING
-
--- name: set_last_tick
-UPDATE deferq_schedules
-SET last_tick = greatest(last_tick, %(tick)s), next_tick = %(next_tick)s
-WHERE function_name = %(name)s
+SELECT pg_notify(%(channel)s, '') FROM inserted
 
 -- name: upsert_schedule
 -- A changed expression or time zone starts the schedule afresh: no catch-up of the old one.
@@ -80,7 +112,9 @@ SELECT * FROM deferq_executions WHERE id = %(id)s
 SELECT * FROM deferq_attempts WHERE execution_id = %(id)s ORDER BY number
 
 -- name: cancel_execution
--- created → cancelled; with force, started → aborting. Returns the row as it now is.
+-- created → cancelled; with force, started → aborting; returns the row as it now is. One
+-- UPDATE for both: if a worker claims the execution meanwhile, the row is re-checked after
+-- the claim commits, and a forced cancel still aborts it.
 WITH changed AS (
     UPDATE deferq_executions
     SET state = CASE WHEN state = 'created' THEN 'cancelled' ELSE 'aborting' END,
@@ -97,13 +131,17 @@ SELECT * FROM deferq_executions WHERE id = %(id)s AND NOT EXISTS (SELECT 1 FROM 
 -- name: reschedule
 WITH changed AS (
     UPDATE deferq_executions
-    SET scheduled_for = coalesce(%(at)s::timestamptz, now() + %(in)s * interval '1 second')
+    SET scheduled_for = coalesce(%(at)s::timestamptz,
+        now() + %(us)s::bigint * interval '1 microsecond')
     WHERE id = %(id)s AND state = 'created'
     RETURNING *
 )
 SELECT * FROM changed
 UNION ALL
 SELECT * FROM deferq_executions WHERE id = %(id)s AND NOT EXISTS (SELECT 1 FROM changed)
+
+-- name: notify
+SELECT pg_notify(%(channel)s, '')
 
 -- name: register_worker
 INSERT INTO deferq_workers (id, name, host, pid, started_at, heartbeat_at)
@@ -115,83 +153,150 @@ UPDATE deferq_workers SET heartbeat_at = now() WHERE id = %(id)s AND lost_at IS 
 -- name: unregister_worker
 UPDATE deferq_workers SET stopped_at = now() WHERE id = %(id)s
 
--- name: lock_function
--- Serializes claims of one concurrency-limited function across all workers.
-SELECT pg_advisory_xact_lock(hashtextextended('deferq.function:' || %(name)s, 0))
+-- name: lock_functions
+-- Serializes the claims of concurrency-limited functions across all workers, until the
+-- transaction ends. Taken in the order given (sorted by name), so claimers never deadlock.
+-- SQLite needs none: its write lock already serializes every claim.
+SELECT pg_advisory_xact_lock(hashtextextended('deferq:' || current_schema() || ':' || name, 0))
+FROM unnest(%(names)s::text[]) AS name
 
--- name: running_count
-SELECT count(*) FROM deferq_executions
-WHERE state IN ('started', 'aborting') AND function_name = %(name)s
+-- name: record_ctes
+-- How attempts ended, as CTEs that `record` and `record_and_claim` start with. Same rules
+-- as SQLite's finish_execution: an execution being aborted ends aborted whatever its attempt
+-- did (the attempt row keeps what happened); a retry at or after discard_after is discarded
+-- instead; an interrupted attempt returns the execution to created, due now, without
+-- counting a failure. A report for an attempt that is not running any more is ignored.
+-- Here and in claims, "now" is statement_timestamp(), not now() (the start of the
+-- transaction): a claim of a limited function runs after waiting for a lock, and its
+-- attempts must not seem to start before the attempt whose end freed their place.
+report AS (
+    SELECT r.*, statement_timestamp() + r.retry_us * interval '1 microsecond' AS retry_at
+    FROM unnest(
+        %(r_ids)s::text[], %(r_numbers)s::integer[], %(r_outcomes)s::text[],
+        %(r_states)s::text[], %(r_retry_us)s::bigint[], %(r_results)s::text[],
+        %(r_error_codes)s::text[], %(r_error_messages)s::text[], %(r_tracebacks)s::text[],
+        %(r_failures)s::integer[]
+    ) AS r(id, number, outcome, state, retry_us, result, error_code, error_message,
+        traceback, failure)
+), finished AS (
+    UPDATE deferq_executions e
+    SET state = CASE
+            WHEN e.state = 'aborting' THEN 'aborted'
+            WHEN r.retry_at IS NULL THEN r.state
+            WHEN e.discard_after IS NOT NULL AND r.retry_at >= e.discard_after THEN 'discarded'
+            ELSE 'created' END,
+        scheduled_for = CASE WHEN e.state = 'aborting' THEN e.scheduled_for
+            ELSE coalesce(r.retry_at, e.scheduled_for) END,
+        finished_at = CASE
+            WHEN e.state = 'aborting' OR r.retry_at IS NULL THEN statement_timestamp()
+            WHEN e.discard_after IS NOT NULL AND r.retry_at >= e.discard_after
+                THEN statement_timestamp()
+            ELSE NULL END,
+        result = r.result,
+        error_code = CASE WHEN e.state = 'aborting' THEN 'aborted' ELSE r.error_code END,
+        error_message = CASE WHEN e.state = 'aborting' THEN 'aborted on request'
+            ELSE r.error_message END,
+        failed_attempts = e.failed_attempts + r.failure,
+        worker_id = NULL
+    FROM report r
+    WHERE e.id = r.id AND e.attempts = r.number AND e.state IN ('started', 'aborting')
+    RETURNING e.state, e.scheduled_for
+), ended AS (
+    UPDATE deferq_attempts a
+    SET finished_at = statement_timestamp(), outcome = r.outcome, error_code = r.error_code,
+        error_message = r.error_message, traceback = r.traceback
+    FROM report r
+    WHERE a.execution_id = r.id AND a.number = r.number AND a.outcome = 'running'
+)
 
--- name: claim
-WITH due AS (
-    SELECT id FROM deferq_executions
+-- name: record_result
+-- Wakes idle workers when an execution is due again at once (an interrupted attempt).
+SELECT pg_notify(%(channel)s, '') FROM finished
+WHERE state = 'created' AND scheduled_for <= statement_timestamp()
+LIMIT 1
+
+-- name: claim_ctes
+-- Start up to %(limit)s due executions, earliest first, as CTEs that `claim` and
+-- `record_and_claim` end with. Functions without a concurrency limit come in %(free)s;
+-- limited ones in %(limited)s with their limits, claimed only while this statement holds
+-- their advisory locks (`lock_functions`, run just before): the running count it reads is
+-- then exact. With the "cancel" action, due executions beyond the free places of the whole
+-- store are cancelled; those beyond this worker's room stay for other workers.
+limits AS (
+    SELECT u.name, u.concurrency, u.cancel,
+        greatest(0, u.concurrency - (
+            SELECT count(*) FROM deferq_executions r
+            WHERE r.state IN ('started', 'aborting') AND r.function_name = u.name
+        ))::integer AS available
+    FROM unnest(%(limited)s::text[], %(concurrency)s::integer[], %(cancel)s::boolean[])
+        AS u(name, concurrency, cancel)
+), due_free AS (
+    SELECT id, scheduled_for FROM deferq_executions
     WHERE state = 'created'
-        AND scheduled_for <= now() + %(horizon)s * interval '1 second'
-        AND (discard_after IS NULL OR discard_after > now())
-        AND function_name = ANY(%(functions)s)
+        AND scheduled_for
+            <= statement_timestamp() + %(horizon_us)s::bigint * interval '1 microsecond'
+        AND (discard_after IS NULL OR discard_after > statement_timestamp())
+        AND function_name = ANY(%(free)s::text[])
+        AND cardinality(%(free)s::text[]) > 0
     ORDER BY scheduled_for, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+), due_limited AS (
+    SELECT d.id, d.scheduled_for
+    FROM limits l CROSS JOIN LATERAL (
+        SELECT id, scheduled_for FROM deferq_executions
+        WHERE state = 'created'
+            AND scheduled_for
+            <= statement_timestamp() + %(horizon_us)s::bigint * interval '1 microsecond'
+            AND (discard_after IS NULL OR discard_after > statement_timestamp())
+            AND function_name = l.name
+        ORDER BY scheduled_for, id
+        LIMIT least(l.available, %(limit)s)
+        FOR UPDATE SKIP LOCKED
+    ) d
+), chosen AS (
+    SELECT id FROM (SELECT * FROM due_free UNION ALL SELECT * FROM due_limited) c
+    ORDER BY scheduled_for, id
+    LIMIT %(limit)s
+), overflow AS (
+    SELECT d.id, l.concurrency
+    FROM limits l CROSS JOIN LATERAL (
+        SELECT id FROM deferq_executions
+        WHERE l.cancel AND state = 'created'
+            AND scheduled_for
+            <= statement_timestamp() + %(horizon_us)s::bigint * interval '1 microsecond'
+            AND (discard_after IS NULL OR discard_after > statement_timestamp())
+            AND function_name = l.name
+        ORDER BY scheduled_for, id
+        OFFSET l.available
+        FOR UPDATE SKIP LOCKED
+    ) d
+    WHERE d.id NOT IN (SELECT id FROM chosen)
+), cancelled AS (
+    UPDATE deferq_executions e
+    SET state = 'cancelled', finished_at = statement_timestamp(),
+        error_code = 'concurrency_limit',
+        error_message = 'concurrency limit of ' || o.concurrency || ' reached'
+    FROM overflow o
+    WHERE e.id = o.id
 ), started AS (
     UPDATE deferq_executions e
-    SET state = 'started', started_at = now(), attempts = e.attempts + 1,
+    SET state = 'started', started_at = statement_timestamp(), attempts = e.attempts + 1,
         worker_id = %(worker)s
-    FROM due
-    WHERE e.id = due.id
+    FROM chosen c
+    WHERE e.id = c.id
     RETURNING e.id, e.function_name, e.arguments, e.attempts, e.failed_attempts,
         e.retry_policy, e.max_duration, e.discard_after, e.started_at, e.scheduled_for
 ), attempt AS (
     INSERT INTO deferq_attempts (execution_id, number, worker_id, started_at, outcome)
     SELECT id, attempts, %(worker)s, started_at, 'running' FROM started
 )
-SELECT * FROM started ORDER BY scheduled_for, id
 
--- name: cancel_limited
--- Due executions of a function at its concurrency limit, beyond the free places, cancelled.
-WITH due AS (
-    SELECT id FROM deferq_executions
-    WHERE state = 'created' AND scheduled_for <= now()
-        AND (discard_after IS NULL OR discard_after > now())
-        AND function_name = %(name)s
-    ORDER BY scheduled_for, id
-    OFFSET %(keep)s
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE deferq_executions e
-SET state = 'cancelled', finished_at = now(), error_code = 'concurrency_limit',
-    error_message = %(reason)s
-FROM due WHERE e.id = due.id
-
--- name: finish_execution
--- An aborting execution ends aborted whatever its attempt did (the attempt row keeps what
--- happened); a retry at or after discard_after is discarded instead.
-UPDATE deferq_executions e
-SET state = CASE
-        WHEN e.state = 'aborting' THEN 'aborted'
-        WHEN r.retry_at IS NULL THEN %(state)s
-        WHEN e.discard_after IS NOT NULL AND r.retry_at >= e.discard_after THEN 'discarded'
-        ELSE 'created' END,
-    scheduled_for = CASE WHEN e.state = 'aborting' THEN e.scheduled_for
-        ELSE coalesce(r.retry_at, e.scheduled_for) END,
-    finished_at = CASE
-        WHEN e.state = 'aborting' OR r.retry_at IS NULL THEN now()
-        WHEN e.discard_after IS NOT NULL AND r.retry_at >= e.discard_after THEN now()
-        ELSE NULL END,
-    result = %(result)s,
-    error_code = CASE WHEN e.state = 'aborting' THEN 'aborted' ELSE %(error_code)s END,
-    error_message = CASE WHEN e.state = 'aborting' THEN 'aborted on request'
-        ELSE %(error_message)s END,
-    failed_attempts = e.failed_attempts + %(counts_as_failure)s,
-    worker_id = NULL
-FROM (SELECT now() + %(retry_in)s * interval '1 second' AS retry_at) r
-WHERE e.id = %(id)s AND e.attempts = %(number)s AND e.state IN ('started', 'aborting')
-
--- name: finish_attempt
-UPDATE deferq_attempts
-SET finished_at = now(), outcome = %(outcome)s, error_code = %(error_code)s,
-    error_message = %(error_message)s, traceback = %(traceback)s
-WHERE execution_id = %(id)s AND number = %(number)s AND outcome = 'running'
+-- name: claim_result
+SELECT id, function_name, arguments, attempts, failed_attempts, retry_policy, max_duration,
+    discard_after, started_at
+FROM started
+ORDER BY scheduled_for, id
 
 -- name: aborting_executions
 SELECT id FROM deferq_executions WHERE worker_id = %(worker)s AND state = 'aborting'
@@ -205,14 +310,18 @@ WHERE state = 'created' AND discard_after IS NOT NULL AND discard_after <= now()
 -- name: declare_lost_workers
 UPDATE deferq_workers SET lost_at = now()
 WHERE lost_at IS NULL AND stopped_at IS NULL
-    AND heartbeat_at < now() - %(lost_after)s * interval '1 second'
+    AND heartbeat_at < now() - %(lost_after_us)s::bigint * interval '1 microsecond'
 RETURNING id
 
--- name: running_of_workers
-SELECT id, function_name, arguments, attempts, failed_attempts, retry_policy, max_duration,
-    discard_after, started_at
-FROM deferq_executions
-WHERE worker_id = ANY(%(workers)s) AND state IN ('started', 'aborting')
+-- name: running_of_lost_workers
+-- Every attempt still running on a worker declared lost, now or before: a rescuer that
+-- died between declaring a worker lost and recording its attempts' ends left them here.
+-- (SQLite returns only the attempts of the workers declared lost by this call.)
+SELECT e.id, e.function_name, e.arguments, e.attempts, e.failed_attempts, e.retry_policy,
+    e.max_duration, e.discard_after, e.started_at
+FROM deferq_executions e
+JOIN deferq_workers w ON w.id = e.worker_id
+WHERE e.state IN ('started', 'aborting') AND w.lost_at IS NOT NULL
 
 -- name: next_due
 SELECT extract(epoch FROM min(scheduled_for) - now()) FROM deferq_executions
@@ -221,7 +330,8 @@ WHERE state = 'created'
 -- name: prune_finished
 WITH gone AS (
     DELETE FROM deferq_executions
-    WHERE finished_at IS NOT NULL AND finished_at < now() - %(older_than)s * interval '1 second'
+    WHERE finished_at IS NOT NULL
+        AND finished_at < now() - %(older_than_us)s::bigint * interval '1 microsecond'
     RETURNING id
 ), attempts AS (
     DELETE FROM deferq_attempts a USING gone WHERE a.execution_id = gone.id
