@@ -74,6 +74,10 @@ _INT8 = struct.Struct(">q")
 _INSERT_ONE = b"deferq_insert_execution"
 _INSERT_ONE_SQL = Q["insert_execution"].encode()
 _IDLE = pq.TransactionStatus.IDLE
+_COPY_TYPES = [
+    "text", "text", "text", "text", "jsonb", "timestamptz", "timestamptz", "timestamptz",
+    "text", "float8", "timestamptz",
+]  # fmt: skip
 _STATES = {
     AttemptOutcome.SUCCEEDED: "succeeded",
     AttemptOutcome.FAILED: "failed",
@@ -122,12 +126,13 @@ def _utc(value: datetime | None) -> datetime | None:
 
 
 def _at(when: When | None, now: datetime) -> datetime | None:
-    """The instant `when` names, as the database computed it from its `now`."""
+    """The instant `when` names, computed from the database's `now` exactly as the database
+    computes `now() + interval` (both count whole microseconds)."""
     if when is None:
         return None
     if isinstance(when, timedelta):
-        return now + timedelta(microseconds=_micros(when))
-    return when.astimezone(UTC)
+        return now + when
+    return _aware(when).astimezone(UTC)
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable:
@@ -239,8 +244,14 @@ class PostgresStore(Store):
         self._pool = _Pool(self.conninfo)
         self._lock = threading.Lock()
         self._migrated = False
-        self.channel = "deferq"
-        """The notification channel; `deferq_<schema>` outside the `public` schema."""
+        self._channel = "deferq"
+
+    @property
+    def channel(self) -> str:
+        """The notification channel: `deferq`, or `deferq_<schema>` outside `public`."""
+        if not self._migrated:
+            self.migrate()  # the channel depends on the schema
+        return self._channel
 
     def _borrow(self) -> _Borrowed:
         if not self._migrated:
@@ -256,12 +267,12 @@ class PostgresStore(Store):
                 return
             with _Borrowed(self._pool) as item:
                 schema = _apply_migrations(item.conn, load_migrations("postgres"))
-            self.channel = channel_name(schema)
+            self._channel = channel_name(schema)
             self._migrated = True
 
     def now(self) -> datetime:
         with self._borrow() as item:
-            row = item.conn.execute("SELECT now()").fetchone()
+            row = item.conn.execute(Q["now"]).fetchone()
         assert row is not None
         return row[0].astimezone(UTC)
 
@@ -272,10 +283,7 @@ class PostgresStore(Store):
             return self._enqueue_in(connection, items)
         if len(items) == 1:
             return [self._enqueue_one(items[0])]
-        with self._borrow() as item:
-            row = item.conn.execute(Q["insert_executions"], self._bulk_params(items)).fetchone()
-        assert row is not None
-        return [_new_execution(i, row[0].astimezone(UTC)) for i in items]
+        return self._enqueue_many(items)
 
     def _enqueue_one(self, new: NewExecution) -> Execution:
         """The single-call hot path: a prepared statement executed through libpq directly,
@@ -305,6 +313,36 @@ class PostgresStore(Store):
             _check(pgconn, result)
             micros = _INT8.unpack(result.get_value(0, 0))[0]  # type: ignore[arg-type]
         return _new_execution(new, _PG_EPOCH + timedelta(microseconds=micros))
+
+    def _enqueue_many(self, items: Sequence[NewExecution]) -> list[Execution]:
+        """Bulk: COPY in one transaction, with times computed from the transaction's now(),
+        as the database itself computes them; one notification at the end."""
+        channel = self.channel
+        with self._borrow() as item, item.conn.transaction():
+            conn = item.conn
+            row = conn.execute(Q["now"]).fetchone()
+            assert row is not None
+            now = row[0].astimezone(UTC)
+            with conn.cursor() as cursor, cursor.copy(Q["copy_executions"]) as copy:
+                copy.set_types(_COPY_TYPES)
+                for new in items:
+                    copy.write_row(
+                        (
+                            new.id,
+                            new.function_name,
+                            "created",
+                            new.arguments,
+                            dict(new.metadata) if new.metadata else None,
+                            now,
+                            _at(new.scheduled, now),
+                            _at(new.discard, now),
+                            new.retry_policy,
+                            float(new.max_duration),
+                            None if new.cron_tick is None else _aware(new.cron_tick),
+                        )
+                    )
+            conn.execute(Q["notify"], {"channel": channel})
+        return [_new_execution(i, now) for i in items]
 
     def _enqueue_in(self, connection: Any, items: Sequence[NewExecution]) -> list[Execution]:
         """Enqueue on the caller's connection, inside whatever transaction it has open: the
@@ -563,8 +601,6 @@ class PostgresStore(Store):
         return int(row[0]) if row else 0
 
     def watch(self) -> Watcher:
-        if not self._migrated:
-            self.migrate()  # the channel depends on the schema
         return ListenWatcher(self.conninfo, self.channel)
 
 

@@ -40,8 +40,19 @@ INSERT INTO deferq_executions (
 )
 RETURNING created_at, pg_notify(%(channel)s, '')
 
+-- name: now
+SELECT now()
+
+-- name: copy_executions
+-- Bulk, on the store's own connections: COPY in a transaction whose now() the store reads
+-- first, to compute created_at, scheduled_for and discard_after exactly as INSERT would.
+COPY deferq_executions (
+    id, function_name, state, arguments, metadata, created_at, scheduled_for,
+    discard_after, retry_policy, max_duration, cron_tick
+) FROM STDIN (FORMAT BINARY)
+
 -- name: insert_executions
--- Bulk: one statement over arrays, one notification. A multi-argument unnest pads shorter
+-- Bulk in the caller's transaction: one statement over arrays, one notification. A multi-argument unnest pads shorter
 -- arrays with NULLs, so a column that is NULL for every item travels as an empty array.
 WITH inserted AS (
     INSERT INTO deferq_executions (
@@ -269,16 +280,17 @@ limits AS (
             AND function_name = l.name
         ORDER BY scheduled_for, id
         OFFSET l.available
-        FOR UPDATE SKIP LOCKED
     ) d
     WHERE d.id NOT IN (SELECT id FROM chosen)
 ), cancelled AS (
+    -- Not locked above (SKIP LOCKED would skip the rows this statement just locked, and
+    -- count wrong): the update waits for a row another transaction holds, then re-checks it.
     UPDATE deferq_executions e
     SET state = 'cancelled', finished_at = statement_timestamp(),
         error_code = 'concurrency_limit',
         error_message = 'concurrency limit of ' || o.concurrency || ' reached'
     FROM overflow o
-    WHERE e.id = o.id
+    WHERE e.id = o.id AND e.state = 'created'
 ), started AS (
     UPDATE deferq_executions e
     SET state = 'started', started_at = statement_timestamp(), attempts = e.attempts + 1,
@@ -314,14 +326,14 @@ WHERE lost_at IS NULL AND stopped_at IS NULL
 RETURNING id
 
 -- name: running_of_lost_workers
--- Every attempt still running on a worker declared lost, now or before: a rescuer that
--- died between declaring a worker lost and recording its attempts' ends left them here.
--- (SQLite returns only the attempts of the workers declared lost by this call.)
+-- Every attempt still held by a worker declared lost (or stopped): those just declared,
+-- and those a rescuer that died midway left behind. Storing their reports is idempotent.
 SELECT e.id, e.function_name, e.arguments, e.attempts, e.failed_attempts, e.retry_policy,
     e.max_duration, e.discard_after, e.started_at
 FROM deferq_executions e
 JOIN deferq_workers w ON w.id = e.worker_id
-WHERE e.state IN ('started', 'aborting') AND w.lost_at IS NOT NULL
+WHERE e.state IN ('started', 'aborting')
+    AND (w.lost_at IS NOT NULL OR w.stopped_at IS NOT NULL)
 
 -- name: next_due
 SELECT extract(epoch FROM min(scheduled_for) - now()) FROM deferq_executions

@@ -1,0 +1,128 @@
+"""Migrations: applied one by one they give the schema of a fresh install; several processes
+migrating at once apply each migration exactly once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from deferq.store.base import load_migrations
+from tests.conftest import postgres_schema_url
+from tests.support import ROOT, wait_until
+
+psycopg = pytest.importorskip("psycopg")
+
+from deferq.store.postgres import (  # noqa: E402
+    MIGRATION_LOCK,
+    PostgresStore,
+    _apply_migrations,
+    conninfo_from_url,
+)
+
+pytestmark = pytest.mark.postgres
+
+
+def migrate(url: str) -> None:
+    store = PostgresStore(url)
+    try:
+        store.migrate()
+    finally:
+        store.close()
+
+
+def schema_of(url: str) -> dict[str, Any]:
+    """Tables, columns, indexes and constraints of the schema a URL's connections use, with
+    the schema's name left out so that two schemas compare."""
+    with psycopg.connect(conninfo_from_url(url)) as conn:
+        (schema,) = conn.execute("SELECT current_schema()").fetchone()
+        columns = conn.execute(
+            "SELECT table_name, column_name, ordinal_position, data_type, is_nullable,"
+            " column_default, collation_name FROM information_schema.columns"
+            " WHERE table_schema = %s ORDER BY table_name, ordinal_position",
+            (schema,),
+        ).fetchall()
+        indexes = conn.execute(
+            "SELECT tablename, indexname, replace(indexdef, %s, '') FROM pg_indexes"
+            " WHERE schemaname = %s ORDER BY indexname",
+            (f"{schema}.", schema),
+        ).fetchall()
+        constraints = conn.execute(
+            "SELECT c.conrelid::regclass::text, c.conname, c.contype,"
+            " pg_get_constraintdef(c.oid) FROM pg_constraint c"
+            " JOIN pg_namespace n ON n.oid = c.connamespace"
+            " WHERE n.nspname = %s ORDER BY c.conname",
+            (schema,),
+        ).fetchall()
+        versions = conn.execute(
+            "SELECT version, name FROM deferq_migrations ORDER BY version"
+        ).fetchall()
+    return {
+        "columns": columns,
+        "indexes": indexes,
+        "constraints": constraints,
+        "versions": versions,
+    }
+
+
+def test_migrations_are_numbered_from_one_without_gaps() -> None:
+    numbers = [number for number, _, _ in load_migrations("postgres")]
+    assert numbers == list(range(1, len(numbers) + 1))
+
+
+def test_migrations_one_by_one_give_the_schema_of_a_fresh_install(pg_url: str) -> None:
+    migrations = load_migrations("postgres")
+    with psycopg.connect(conninfo_from_url(pg_url), autocommit=True) as conn:
+        for step in range(1, len(migrations) + 1):
+            _apply_migrations(conn, migrations[:step])
+    stepwise = schema_of(pg_url)
+
+    fresh_urls = postgres_schema_url()
+    fresh_url = next(fresh_urls)
+    try:
+        migrate(fresh_url)
+        fresh = schema_of(fresh_url)
+    finally:
+        fresh_urls.close()
+
+    assert stepwise["columns"], "no table was created"
+    assert stepwise == fresh
+
+
+def test_migrating_again_changes_nothing(pg_url: str) -> None:
+    migrate(pg_url)
+    before = schema_of(pg_url)
+    migrate(pg_url)
+    assert schema_of(pg_url) == before
+
+
+def test_processes_migrating_at_once_apply_each_migration_once(pg_url: str, admin: Any) -> None:
+    # Hold the migration lock so that every process is waiting on it, then let them race.
+    admin.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    script = (
+        "import sys; from deferq.store.postgres import PostgresStore; "
+        "store = PostgresStore(sys.argv[1]); store.migrate(); store.close()"
+    )
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script, pg_url], cwd=ROOT) for _ in range(4)
+    ]
+    try:
+        wait_until(
+            lambda: (
+                admin.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    " AND classid = %s AND objid = %s",
+                    (MIGRATION_LOCK >> 32, MIGRATION_LOCK & 0xFFFFFFFF),
+                ).fetchone()[0]
+                >= 4
+            ),
+            what="four processes waiting for the migration lock",
+        )
+    finally:
+        admin.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+    assert [p.wait(60) for p in processes] == [0, 0, 0, 0]
+
+    versions = schema_of(pg_url)["versions"]
+    assert [v for v, _ in versions] == [n for n, _, _ in load_migrations("postgres")]
