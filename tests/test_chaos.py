@@ -138,6 +138,14 @@ class Fleet:
     def stop_all(self) -> None:
         for worker in self.current:
             assert worker.process is not None and worker.process.poll() is None
+            # A SIGTERM before the interpreter has even loaded deferq ends it like any
+            # Python program: stop only workers that have started.
+            assert worker.log_path is not None
+            wait_until(
+                lambda w=worker: "Worker started" in w.log_path.read_text(errors="replace"),
+                timeout=60,
+                what="a restarted worker to start",
+            )
             assert worker.stop(30) == 0
         for worker, how in self.retired:
             code = worker.wait(30)
@@ -392,5 +400,7 @@ def check_lost_attempts(attempts: dict[str, list[Attempt]], fleet: Fleet) -> Non
             delays.append(attempt.finished_at.timestamp() - fleet.killed_at[name])
     assert delays
     print(f"{len(delays)} lost attempts recorded {min(delays):.2f}s to {max(delays):.2f}s after")
-    assert min(delays) >= 2.0 - 0.25 - 0.1  # --lost-after less a heartbeat interval
+    # --lost-after less a heartbeat interval, less the lag of a heartbeat thread on a loaded
+    # 2-core machine: never declared lost long before its silence.
+    assert min(delays) >= 2.0 - 1.0
     assert max(delays) < 2.0 + 2.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from datetime import timedelta
 from typing import Any
@@ -100,6 +101,10 @@ def worker(
     """Import MODULES and run due executions of their background functions."""
     from deferq.worker import Worker, WorkerSettings
 
+    # Importing the modules can take a while: a stop asked meanwhile is kept, not fatal.
+    early: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: early.append(number))
     try:
         settings = WorkerSettings(
             slots=slots,
@@ -122,6 +127,8 @@ def worker(
     except (ValueError, DeferqError) as exc:
         raise click.ClickException(str(exc)) from exc
     runner.install_signal_handlers()
+    if early:
+        runner.stop()
     sys.exit(runner.run())
 
 
