@@ -102,12 +102,18 @@ def stop_worker(worker: subprocess.Popen[bytes]) -> int:
     if worker.poll() is None:
         worker.send_signal(signal.SIGTERM)
     try:
-        return worker.wait(timeout=WORKER_STOP_TIMEOUT)
+        code = worker.wait(timeout=WORKER_STOP_TIMEOUT)
     except subprocess.TimeoutExpired:
         logger.warning("Worker did not stop in time; killing it", extra={"action": "kill_worker"})
         worker.kill()
         worker.wait()
         return 1
+    if code == -signal.SIGTERM:
+        # Python had not yet set up the worker's signal handlers: it was still starting, had
+        # claimed nothing, and our SIGTERM ended it at once. That is a clean stop.
+        logger.info("Worker stopped before it had started", extra={"action": "stop_worker"})
+        return 0
+    return code
 
 
 def _stop_server_on_signals(server: uvicorn.Server) -> dict[int, Any]:

@@ -295,6 +295,7 @@ def test_a_sign_in_mail_not_started_in_time_is_discarded(tmp_path: Path) -> None
 def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     demo = start_demo(tmp_path)
     worker_pid = wait_for(demo.worker_pid, "the worker process to start")
+    wait_for(lambda: "Worker started" in demo.output(), "the worker to log its start")
     settings = demo.settings
 
     assert stop_demo(demo) == 0, demo.output()
@@ -302,3 +303,23 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     assert not port_open(settings.port)
     assert not port_open(settings.smtp_port)
     assert "Worker stopped" in demo.output()
+
+
+def test_ctrl_c_right_after_start_is_a_clean_stop(tmp_path: Path) -> None:
+    """Ctrl-C while the worker process is still starting Python (before it can handle
+    signals) stops everything with exit code 0, not a failure. A `sitecustomize` that sleeps
+    in the worker process only holds it in that window for certain."""
+    slow_start = tmp_path / "slow-start"
+    slow_start.mkdir()
+    (slow_start / "sitecustomize.py").write_text(
+        "import sys, time\n"
+        "if 'deferq.cli' in sys.orig_argv:\n"
+        "    time.sleep(3)\n"
+    )
+    pythonpath = os.pathsep.join(filter(None, [str(slow_start), os.environ.get("PYTHONPATH")]))
+    demo = start_demo(tmp_path, PYTHONPATH=pythonpath)
+    worker_pid = wait_for(demo.worker_pid, "the worker process to start")
+
+    assert stop_demo(demo) == 0, demo.output()
+    assert not _alive(worker_pid)
+    assert "Worker stopped" in demo.output()  # either the worker's own line or the launcher's
