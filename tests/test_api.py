@@ -748,3 +748,142 @@ def test_a_call_the_function_cannot_accept_is_refused_and_nothing_stored(app: Ap
     with pytest.raises(TypeError, match="missing a required argument"):
         basic.add(1)
     assert list(deferq.list_executions()) == []
+
+
+# The longest duration (100 years): refused beyond it, at call time, with nothing stored
+
+
+@defer(
+    retry=RetryPolicy(
+        3,
+        initial_interval="36525d",
+        max_interval="36525d",
+        multiplier=1e300,
+        randomization_factor=0,
+    )
+)
+def fails_with_the_longest_backoff() -> None:
+    raise RuntimeError("again")
+
+
+@pytest.mark.parametrize(
+    ("wrap", "quoted"),
+    [
+        (lambda: delay(greet, "999999w"), "invalid delay '999999w'"),
+        (lambda: delay(greet, timedelta.max), "invalid delay datetime.timedelta(days=999999999"),
+        (lambda: discard_after(greet, "36526d"), "invalid discard_after '36526d'"),
+        (lambda: assign_options(greet, delay=10**12), "invalid delay 1000000000000"),
+        (
+            lambda: delay(greet, datetime(9999, 12, 31, tzinfo=UTC)),
+            "invalid delay '9999-12-31T00:00:00+00:00'",
+        ),
+        (
+            lambda: discard_after(greet, datetime.now(UTC) + timedelta(days=36_600)),
+            "invalid discard_after '2",
+        ),
+    ],
+)
+def test_times_over_100_years_ahead_are_refused_and_nothing_stored(
+    app: App, wrap: Any, quoted: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        wrap()("x")
+    assert str(info.value).startswith(quoted)
+    assert "100 years" in str(info.value)
+    assert stored() == []
+
+
+def test_the_longest_delay_is_stored_and_read_back(app: App) -> None:
+    execution = delay(greet, "36525d")("x")
+    expected = execution.created_at + timedelta(days=36_525)
+    assert deferq.get_execution(execution.id).scheduled_for == expected
+    assert [e.id for e in deferq.list_executions().items] == [execution.id]
+
+
+@pytest.mark.parametrize("when", ["999999w", timedelta(days=40_000), 10**20])
+def test_a_reschedule_over_100_years_ahead_is_refused(app: App, when: Any) -> None:
+    waiting = delay(greet, "1h")("x")
+    with pytest.raises(ValueError, match="100 years"):
+        deferq.reschedule_execution(waiting.id, when)
+    assert deferq.get_execution(waiting.id).scheduled_for == waiting.scheduled_for
+    assert [e.id for e in deferq.list_executions().items] == [waiting.id]
+
+
+def test_a_max_duration_over_100_years_is_refused() -> None:
+    with pytest.raises(ValueError, match="invalid max_duration '36526d'"):
+        defer(max_duration="36526d")(greet.__wrapped__)
+
+
+def test_a_retry_with_the_longest_backoff_is_stored_and_readable(app: App) -> None:
+    execution = fails_with_the_longest_backoff()
+    assert [e.id for e in run_due()] == [execution.id]
+    retried = deferq.get_execution(execution.id)
+    assert retried.state == "created" and retried.attempts == 1
+    wait = retried.scheduled_for - datetime.now(UTC)
+    assert timedelta(days=36_524) < wait <= timedelta(days=36_525)
+    assert [e.id for e in deferq.list_executions(states=["created"]).items] == [execution.id]
+
+
+# Malformed ids name no execution, on every store alike
+
+
+@pytest.mark.parametrize(
+    "malformed",
+    [
+        "ab\x00c",
+        "\x00",
+        "\ud800",
+        "x" * 10_000,
+        new_execution_id() + "\x00",
+        " " + new_execution_id(),
+    ],
+)
+def test_malformed_ids_are_not_found(app: App, malformed: str) -> None:
+    greet("someone")
+    for call in (
+        deferq.get_execution,
+        deferq.get_result,
+        deferq.cancel_execution,
+        deferq.reschedule_execution,
+        deferq.rerun_execution,
+        deferq.list_attempts,
+        lambda i: app.wait_for_result(i, timeout=0.1),
+    ):
+        with pytest.raises(ExecutionNotFound) as info:
+            call(malformed)
+        assert info.value.execution_id == malformed
+    with pytest.raises(ExecutionNotFound):
+        asyncio.run(app.wait_for_result_async(malformed, timeout=0.1))
+    assert len(stored()) == 1
+
+
+# Arguments too large to write as text
+
+
+def test_an_overlong_int_argument_is_refused_naming_it(app: App) -> None:
+    with pytest.raises(ValueError) as info:
+        echo_both([1, 10**5000])
+    assert str(info.value).startswith(
+        "cannot store argument 'value' (positional argument 0) of tests.test_api.echo_both: "
+        "int of about 5,000 digits at args[0][1]"
+    )
+    assert stored() == []
+
+
+@pytest.mark.parametrize(
+    ("metadata", "error", "fragment"),
+    [
+        ({"k": None}, TypeError, "metadata value None of key 'k' must be a str"),
+        ({"k": 42}, TypeError, "metadata value 42 of key 'k' must be a str"),
+        ({"k": ["v"]}, TypeError, "of key 'k' must be a str"),
+        ({7: "v"}, TypeError, "metadata key 7 must be a str"),
+        ({None: "v"}, TypeError, "metadata key None must be a str"),
+    ],
+)
+def test_metadata_of_other_types_is_refused_naming_the_key(
+    app: App, metadata: Any, error: type[Exception], fragment: str
+) -> None:
+    with pytest.raises(error) as info:
+        add_metadata(greet, metadata)
+    assert fragment in str(info.value)
+    assert stored() == []

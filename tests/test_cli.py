@@ -120,10 +120,33 @@ def test_ls_pages(store_url: str, executions: dict[str, Any]) -> None:
     first = cli(store_url, "ls", "--first", "2")
     assert first.returncode == 0
     assert first_column(first.stdout) == [executions["waiting"], executions["failed"]]
-    assert f"--after {executions['failed']}" in first.stderr
-    rest = cli(store_url, "ls", "--first", "2", "--after", executions["failed"])
+    assert f"--after {executions['failed']}." in first.stderr
+    cursor = first.stderr.split("--after ", 1)[1].split()[0]
+    rest = cli(store_url, "ls", "--first", "2", "--after", cursor)
     assert first_column(rest.stdout) == [executions["done"]]
     assert "next page" not in rest.stderr
+
+
+def test_ls_refuses_a_cursor_of_other_filters_or_changed(
+    store_url: str, executions: dict[str, Any]
+) -> None:
+    first = cli(store_url, "ls", "--first", "1")
+    cursor = first.stderr.split("--after ", 1)[1].split()[0]
+    other = cli(store_url, "ls", "--state", "created", "--after", cursor)
+    assert other.returncode == 1
+    assert f"cursor '{cursor}' does not belong to these filters" in other.stderr
+    for junk in ["junk", cursor[:-1], executions["done"]]:
+        result = cli(store_url, "ls", "--after", junk)
+        assert result.returncode == 1
+        assert f"invalid cursor '{junk}'" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_ls_refuses_an_unknown_error_code(store_url: str, executions: dict[str, Any]) -> None:
+    result = cli(store_url, "ls", "--error-code", "raised", "--error-code", "crashed")
+    assert result.returncode == 1
+    assert "unknown error code 'crashed'" in result.stderr
+    assert "worker_lost" in result.stderr  # the known ones are listed
 
 
 def test_ls_refuses_bad_filters(store_url: str, executions: dict[str, Any]) -> None:
@@ -260,6 +283,48 @@ def test_an_unknown_id_is_an_error(
     assert f"no execution with id '{unknown}'" in result.stderr
     assert result.stdout == ""
     assert len(deferq.list_executions().items) == 3
+
+
+@pytest.mark.parametrize(
+    ("flags", "named", "quoted"),
+    [
+        (["--heartbeat-interval", "0"], "--heartbeat-interval", "'0s'"),
+        (["--heartbeat-interval", "1ms"], "--heartbeat-interval", "'1ms'"),
+        (["--poll-interval", "0s"], "--poll-interval", "'0s'"),
+        (["--poll-interval", "0.001"], "--poll-interval", "'1ms'"),
+        (["--heartbeat-interval", "5s", "--lost-after", "10s"], "--lost-after", "'10s'"),
+        (["--heartbeat-interval", "20s"], "--lost-after", "'15s'"),
+    ],
+)
+def test_worker_refuses_intervals_that_spin_or_lose_live_workers(
+    store_url: str, flags: list[str], named: str, quoted: str
+) -> None:
+    result = cli(store_url, "worker", "tests.tasks.basic", *flags)
+    assert result.returncode == 2, result.stderr
+    assert named in result.stderr and quoted in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_refuses_intervals_from_the_environment(store_url: str) -> None:
+    env = {**os.environ, "DEFERQ_URL": store_url, "DEFERQ_POLL_INTERVAL": "0"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src")])
+    result = subprocess.run(
+        [sys.executable, "-m", "deferq.cli", "worker", "tests.tasks.basic"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--poll-interval" in result.stderr and "'0s' is too short" in result.stderr
+
+
+def test_a_malformed_id_is_not_found(store_url: str, executions: dict[str, Any]) -> None:
+    for command in (["show"], ["cancel"], ["attempts"]):
+        result = cli(store_url, *command, "not-an-id")
+        assert result.returncode == 1
+        assert "no execution with id 'not-an-id'" in result.stderr
 
 
 def test_worker_refuses_a_module_it_cannot_import(app: App, store_url: str) -> None:

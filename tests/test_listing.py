@@ -3,7 +3,7 @@ errors for arguments it cannot serve."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -52,7 +52,7 @@ def all_pages(page_size: int, **filters: Any) -> list[list[str]]:
         pages.append(ids(page.items))
         if page.next_cursor is None:
             return pages
-        assert page.next_cursor == page.items[-1].id
+        assert page.next_cursor.startswith(page.items[-1].id + ".")
         cursor = page.next_cursor
         assert len(pages) < 1000, "pagination does not end"
 
@@ -244,6 +244,23 @@ def test_pages_stay_stable_while_executions_are_added(app: App) -> None:
         ({"scheduled_between": ("2026-01-01",)}, ValueError, "scheduled_between"),
         ({"started_between": "yesterday"}, ValueError, "started_between"),
         ({"started_between": (datetime(2026, 1, 1), None)}, ValueError, "2026"),
+        ({"scheduled_between": ("2024-01-01", None)}, TypeError, "'2024-01-01'"),
+        ({"scheduled_between": (None, "2024-01-01")}, TypeError, "scheduled_between end"),
+        ({"started_between": (1_700_000_000, None)}, TypeError, "started_between start"),
+        ({"error_codes": ["crashed"]}, ValueError, "'crashed'"),
+        ({"error_codes": ["raised", "Timeout"]}, ValueError, "'Timeout'"),
+        ({"error_codes": [None]}, TypeError, "None"),
+        ({"error_codes": 5}, TypeError, "error_codes"),
+        ({"states": 5}, TypeError, "states"),
+        ({"functions": 5}, TypeError, "functions"),
+        ({"functions": [5]}, TypeError, "5"),
+        ({"metadata": {"k": None}}, TypeError, "'k'"),
+        ({"metadata": {"k": [1]}}, TypeError, "'k'"),
+        ({"metadata": {1: "v"}}, TypeError, "key 1"),
+        ({"metadata": ["k", "v"]}, TypeError, "metadata"),
+        ({"after": "junk"}, ValueError, "invalid cursor 'junk'"),
+        ({"after": ""}, ValueError, "invalid cursor ''"),
+        ({"after": "\x00"}, ValueError, "invalid cursor '\\x00'"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(
@@ -284,3 +301,80 @@ def test_an_open_started_range_lists_only_executions_that_started(app: object) -
 
     assert listed == [ran.id]
     assert waiting.id not in listed
+
+
+def test_unknown_error_codes_are_named_with_the_known_ones(app: App) -> None:
+    with pytest.raises(ValueError) as info:
+        deferq.list_executions(error_codes=["raised", "crashed", "lost"])
+    message = str(info.value)
+    assert "'crashed', 'lost'" in message
+    for code in ("raised", "timeout", "worker_lost", "concurrency_limit"):
+        assert code in message
+
+
+def test_every_error_code_the_engine_stores_can_be_listed(app: App) -> None:
+    from deferq.models import ErrorCode
+
+    for code in ErrorCode:
+        assert listed(error_codes=[code.value]) == []
+
+
+def cursor_after_first(**filters: Any) -> str:
+    for n in range(3):
+        job(n)
+    page = deferq.list_executions(first=1, **filters)
+    assert page.next_cursor is not None
+    return page.next_cursor
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"states": ["created", "failed"]},
+        {"functions": [job.name]},
+        {"error_codes": ["raised"]},
+        {"metadata": {"flow": "x"}},
+        {"scheduled_between": (None, datetime.now(UTC) + timedelta(days=1))},
+        {"started_between": (None, None)},
+    ],
+)
+def test_a_cursor_passed_with_other_filters_is_refused(app: App, other: dict[str, Any]) -> None:
+    cursor = cursor_after_first(states=["created"])
+    with pytest.raises(ValueError) as info:
+        deferq.list_executions(after=cursor, **other)
+    assert f"cursor {cursor!r} does not belong to these filters" in str(info.value)
+
+
+def test_a_cursor_goes_with_the_same_filters_however_they_are_spelled(app: App) -> None:
+    cursor = cursor_after_first(states=["created", "failed"], metadata={})
+    page = deferq.list_executions(
+        states=("failed", "created", "created"), metadata={}, after=cursor
+    )
+    assert len(page.items) == 2
+    page = deferq.list_executions(states=["created", "failed"], metadata={}, after=cursor, first=1)
+    assert len(page.items) == 1  # the page size may change from page to page
+
+
+def test_a_changed_cursor_is_refused(app: App) -> None:
+    cursor = cursor_after_first()
+    last_id, check = cursor.split(".")
+    other_id = job(9).id
+    changed = [
+        f"{other_id}.{check}",  # another execution's id
+        f"{last_id}.{check[:-1]}{'0' if check[-1] != '0' else '1'}",
+        last_id,  # the check cut off
+        cursor + "0",
+        cursor.upper(),
+    ]
+    for bad in changed:
+        with pytest.raises(ValueError, match="cursor") as info:
+            deferq.list_executions(after=bad)
+        assert repr(bad) in str(info.value)
+
+
+def test_the_store_refuses_a_cursor_that_is_not_an_id(app: App) -> None:
+    from deferq.store.base import ExecutionQuery
+
+    with pytest.raises(ValueError) as info:
+        app.store.list_executions(ExecutionQuery(after="x\x00"))
+    assert str(info.value) == "invalid cursor 'x\\x00': not an execution id"

@@ -4,6 +4,8 @@ default app, configured by `DEFERQ_URL` or `deferq.configure(url=...)`."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -23,9 +25,10 @@ from deferq.errors import (
 )
 from deferq.functions import DEFAULT_MAX_DURATION, BackgroundFunction
 from deferq.ids import new_execution_id
-from deferq.models import Attempt, Execution, ExecutionState, Page
+from deferq.models import Attempt, Execution, ExecutionState, Page, is_execution_id
 from deferq.serialization import decode_result, encode_arguments
 from deferq.store.base import ExecutionQuery, NewExecution, Store
+from deferq.store.listing import validate_query
 
 logger = logging.getLogger("deferq")
 
@@ -110,7 +113,12 @@ class App:
         return NewExecution(
             id=new_execution_id(),
             function_name=fn.name,
-            arguments=encode_arguments(tuple(args), dict(kwargs), function_name=fn.name),
+            arguments=encode_arguments(
+                tuple(args),
+                dict(kwargs),
+                function_name=fn.name,
+                positional_names=fn.positional_names,
+            ),
             scheduled=scheduled,
             discard=options.discard_after,
             metadata=options.metadata,
@@ -179,18 +187,27 @@ class App:
         """Executions newest first, filtered; pass `page.next_cursor` as `after` for more.
 
         `metadata={"flow": ["sign-in", "sign-up"], "user_id": "42"}` matches executions whose
-        `flow` is either value AND whose `user_id` is 42."""
+        `flow` is either value AND whose `user_id` is 42. A cursor belongs to the filters of
+        the listing that gave it: passed with other filters, or changed, it raises
+        `ValueError`."""
         query = ExecutionQuery(
             states=_states(states),
-            functions=None if functions is None else [_name(f) for f in _listed(functions)],
-            error_codes=None if error_codes is None else _listed(error_codes),
-            metadata=None if metadata is None else dict(metadata),
+            functions=(
+                None if functions is None else [_name(f) for f in _listed(functions, "functions")]
+            ),
+            error_codes=None if error_codes is None else _listed(error_codes, "error_codes"),
+            metadata=None if metadata is None else _mapping(metadata, "metadata"),
             scheduled_between=scheduled_between,
             started_between=started_between,
             first=first,
-            after=after,
         )
-        return self.store.list_executions(query)
+        validate_query(query)
+        if after is not None:
+            query = dataclasses.replace(query, after=_read_cursor(after, query))
+        page = self.store.list_executions(query)
+        if page.next_cursor is None:
+            return page
+        return Page(items=page.items, next_cursor=_make_cursor(page.next_cursor, query))
 
     def list_attempts(self, execution_id: str) -> list[Attempt]:
         """Every attempt of one execution, first to last."""
@@ -257,6 +274,7 @@ class App:
 
     def wait_for_result(self, execution_id: str, *, timeout: float | None = None) -> Any:
         """Block until the execution is final, then return its result (see `get_result`)."""
+        _check_id(execution_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.002
         while True:
@@ -274,6 +292,7 @@ class App:
     async def wait_for_result_async(
         self, execution_id: str, *, timeout: float | None = None
     ) -> Any:
+        _check_id(execution_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.002
         while True:
@@ -314,9 +333,71 @@ def _show(value: timedelta | datetime) -> str:
 
 
 def _check_id(execution_id: Any) -> str:
+    """The id to look up. Text that is not shaped like an execution id names no execution:
+    `ExecutionNotFound`, on every store alike, without asking the store."""
     if not isinstance(execution_id, str) or not execution_id:
         raise TypeError(f"an execution id is a non-empty string, not {execution_id!r}")
+    if not is_execution_id(execution_id):
+        raise ExecutionNotFound(execution_id)
     return execution_id
+
+
+# Cursors: the last id of a page, then a check of that id and the filters, so that a cursor
+# passed back with other filters, cut or changed is refused instead of listing the wrong rows.
+
+_CURSOR_CHECK_LENGTH = 16
+
+
+def _make_cursor(last_id: str, query: ExecutionQuery) -> str:
+    return f"{last_id}.{_cursor_check(last_id, query)}"
+
+
+def _read_cursor(cursor: Any, query: ExecutionQuery) -> str:
+    if not isinstance(cursor, str):
+        raise TypeError(f"after must be a cursor string, not {cursor!r}")
+    last_id, _, check = cursor.partition(".")
+    if not is_execution_id(last_id) or len(check) != _CURSOR_CHECK_LENGTH:
+        raise ValueError(
+            f"invalid cursor {_quote(cursor)}: pass the next_cursor of a page as it came"
+        )
+    if check != _cursor_check(last_id, query):
+        raise ValueError(
+            f"cursor {_quote(cursor)} does not belong to these filters: it came from a "
+            "listing with other filters, or was changed; pass it with the filters of the "
+            "page it came from"
+        )
+    return last_id
+
+
+def _cursor_check(last_id: str, query: ExecutionQuery) -> str:
+    def instants(between: Any) -> Any:
+        if between is None:
+            return None
+        return [None if t is None else t.astimezone(UTC).isoformat() for t in between]
+
+    def values(items: Any) -> Any:
+        return None if items is None else sorted(set(items))
+
+    metadata = None
+    if query.metadata is not None:
+        metadata = {
+            key: sorted({v} if isinstance(v, str) else set(v)) for key, v in query.metadata.items()
+        }
+    filters = {
+        "after": last_id,
+        "states": values(query.states),
+        "functions": values(query.functions),
+        "error_codes": values(query.error_codes),
+        "metadata": metadata,
+        "scheduled_between": instants(query.scheduled_between),
+        "started_between": instants(query.started_between),
+    }
+    text = json.dumps(filters, sort_keys=True, ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=_CURSOR_CHECK_LENGTH // 2).hexdigest()
+
+
+def _quote(value: str) -> str:
+    return repr(value) if len(value) <= 80 else repr(value[:60]) + "..."
 
 
 def _split_call(call: Any, index: int) -> tuple[Sequence[Any], Mapping[str, Any]]:
@@ -337,17 +418,27 @@ def _split_call(call: Any, index: int) -> tuple[Sequence[Any], Mapping[str, Any]
     )
 
 
-def _listed(values: Any) -> list[Any]:
+def _listed(values: Any, name: str) -> list[Any]:
     if isinstance(values, str):
         return [values]
+    if isinstance(values, bytes | Mapping) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a str or a list of str, not {values!r}")
     return list(values)
+
+
+def _mapping(values: Any, name: str) -> dict[Any, Any]:
+    if not isinstance(values, Mapping):
+        raise TypeError(
+            f"{name} must be a mapping of keys to a value or a list of values, not {values!r}"
+        )
+    return dict(values)
 
 
 def _states(states: Iterable[str] | None) -> list[str] | None:
     if states is None:
         return None
     result = []
-    for state in _listed(states):
+    for state in _listed(states, "states"):
         try:
             result.append(ExecutionState(state).value)
         except ValueError:
@@ -357,7 +448,13 @@ def _states(states: Iterable[str] | None) -> list[str] | None:
 
 
 def _name(fn: str | BackgroundFunction[Any, Any]) -> str:
-    return fn.name if isinstance(fn, BackgroundFunction) else str(fn)
+    if isinstance(fn, BackgroundFunction):
+        return fn.name
+    if not isinstance(fn, str):
+        raise TypeError(
+            f"functions must be names or background functions, not {fn!r} ({type(fn).__name__})"
+        )
+    return fn
 
 
 _default: App | None = None

@@ -65,7 +65,8 @@ def _app(ctx: click.Context) -> App:
     return app
 
 
-@main.command()
+# DEFERQ_SLOTS, not click's default of DEFERQ_WORKER_SLOTS for a subcommand's option.
+@main.command(context_settings={"auto_envvar_prefix": "DEFERQ"})
 @click.argument("modules", nargs=-1, required=True)
 @click.option("--slots", type=click.IntRange(min=1), help="Attempts run at once [default: CPUs]")
 @click.option("--grace", type=DURATION, default="30s", help="Time running attempts get to finish")
@@ -101,6 +102,8 @@ def worker(
     """Import MODULES and run due executions of their background functions."""
     from deferq.worker import Worker, WorkerSettings
 
+    _check_worker_timing(heartbeat_interval, lost_after, poll_interval)
+
     # Importing the modules can take a while: a stop asked meanwhile is kept, not fatal.
     early: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -130,6 +133,34 @@ def worker(
     if early:
         runner.stop()
     sys.exit(runner.run())
+
+
+MIN_WORKER_INTERVAL = timedelta(milliseconds=10)
+"""Shortest --heartbeat-interval and --poll-interval: below it a worker only spins."""
+
+
+def _check_worker_timing(
+    heartbeat_interval: timedelta, lost_after: timedelta, poll_interval: timedelta
+) -> None:
+    """Refuse intervals that would make a worker spin, or be declared lost while alive."""
+    for flag, value in (
+        ("--heartbeat-interval", heartbeat_interval),
+        ("--poll-interval", poll_interval),
+    ):
+        if value < MIN_WORKER_INTERVAL:
+            raise click.BadParameter(
+                f"{format_duration(value)!r} is too short: it must be at least "
+                f"{format_duration(MIN_WORKER_INTERVAL)}, or the worker spins on the store "
+                "instead of waiting",
+                param_hint=flag,
+            )
+    if lost_after <= heartbeat_interval * 2:
+        raise click.BadParameter(
+            f"{format_duration(lost_after)!r} must be more than twice --heartbeat-interval "
+            f"({format_duration(heartbeat_interval)}): a worker whose heartbeat is a little "
+            "late would be declared lost while it is alive",
+            param_hint="--lost-after",
+        )
 
 
 @main.command()

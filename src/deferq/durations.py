@@ -23,6 +23,13 @@ WhenLike = DurationLike | datetime
 MAX_TEXT_LENGTH = 100
 """Longest duration string accepted; real ones are a few characters."""
 
+MAX_DURATION = timedelta(days=36_525)
+"""Longest duration accepted anywhere (100 years of 365.25 days), and the furthest ahead of
+now a point in time may be. Far enough for any real schedule, and near enough that adding it
+to any time a store holds stays inside the range of a `datetime` (year 9999)."""
+
+_MAX_DURATION_TEXT = "100 years (36525d)"
+
 UNITS_HINT = "units: ms, s, min, h, d, w"
 
 _UNITS: dict[str, str] = {}
@@ -54,9 +61,9 @@ def parse_duration(value: DurationLike, *, name: str = "duration") -> timedelta:
     s/sec/second, m/min/minute, h/hr/hour, d/day, w/week. In a string of several parts each
     part needs a unit, and each unit may appear only once (`"1h 1h"` is refused).
 
-    Zero is allowed. Negative, NaN, infinite and too large values, unknown units and
-    leftover text raise `ValueError`; `bool` and other types raise `TypeError`. Messages
-    quote the input and name the option (`name`).
+    Zero is allowed. Negative, NaN, infinite and too large values (above `MAX_DURATION`,
+    100 years), unknown units and leftover text raise `ValueError`; `bool` and other types
+    raise `TypeError`. Messages quote the input and name the option (`name`).
 
     >>> parse_duration("1h30m")
     datetime.timedelta(seconds=5400)
@@ -64,7 +71,7 @@ def parse_duration(value: DurationLike, *, name: str = "duration") -> timedelta:
     if isinstance(value, timedelta):
         if value < _ZERO:
             raise ValueError(f"invalid {name} {value!r}: a duration cannot be negative")
-        return value
+        return _within_limit(value, value, name)
     if isinstance(value, str):
         if len(value) > MAX_TEXT_LENGTH:
             raise ValueError(
@@ -85,8 +92,8 @@ def parse_duration(value: DurationLike, *, name: str = "duration") -> timedelta:
 def parse_when(value: WhenLike, *, name: str) -> timedelta | datetime:
     """Turn `value` into a duration from now (`timedelta`) or a point in time (UTC `datetime`).
 
-    A `datetime` must be timezone-aware; it is returned converted to UTC. Anything else is
-    read by `parse_duration`.
+    A `datetime` must be timezone-aware and at most `MAX_DURATION` (100 years) ahead of
+    now; it is returned converted to UTC. Anything else is read by `parse_duration`.
     """
     if isinstance(value, datetime):
         if value.utcoffset() is None:
@@ -94,7 +101,18 @@ def parse_when(value: WhenLike, *, name: str) -> timedelta | datetime:
                 f"invalid {name} {value!r}: a naive datetime is ambiguous; pass an aware "
                 "datetime, e.g. datetime.now(timezone.utc) + timedelta(hours=1)"
             )
-        return value.astimezone(UTC)
+        try:
+            instant = value.astimezone(UTC)
+        except OverflowError:  # e.g. 9999-12-31 23:00 at UTC-5 is past year 9999 in UTC
+            raise ValueError(
+                f"invalid {name} {value.isoformat()!r}: outside the range of a datetime in UTC"
+            ) from None
+        if instant - datetime.now(UTC) > MAX_DURATION:
+            raise ValueError(
+                f"invalid {name} {value.isoformat()!r}: more than {_MAX_DURATION_TEXT} from "
+                "now, the furthest ahead deferq schedules"
+            )
+        return instant
     return parse_duration(value, name=name)
 
 
@@ -125,14 +143,30 @@ def format_duration(td: timedelta) -> str:
 
 
 def _from_seconds(seconds: float, shown: object, name: str) -> timedelta:
-    if not math.isfinite(seconds):
+    # isfinite() only for floats: it cannot turn an int past a float's range into a float.
+    if isinstance(seconds, float) and not math.isfinite(seconds):
         raise ValueError(f"invalid {name} {shown!r}: a duration must be a finite number")
     if seconds < 0:
-        raise ValueError(f"invalid {name} {shown!r}: a duration cannot be negative")
-    try:
-        return timedelta(seconds=seconds)
-    except OverflowError:
-        raise ValueError(f"invalid {name} {shown!r}: too large for a duration") from None
+        raise ValueError(f"invalid {name} {_short(shown)}: a duration cannot be negative")
+    if seconds > _MAX_SECONDS:
+        _refuse_too_long(shown, name)
+    return timedelta(seconds=seconds)
+
+
+_MAX_SECONDS = MAX_DURATION.total_seconds()
+
+
+def _within_limit(duration: timedelta, shown: object, name: str) -> timedelta:
+    if duration > MAX_DURATION:
+        _refuse_too_long(shown, name)
+    return duration
+
+
+def _refuse_too_long(shown: object, name: str) -> NoReturn:
+    raise ValueError(
+        f"invalid {name} {_short(shown)}: too large for a duration; the longest is "
+        f"{_MAX_DURATION_TEXT}"
+    )
 
 
 # The same few spellings come back on every call ("5min" in a decorator or a wrapper), and
@@ -172,9 +206,10 @@ def _parse_text(text: str, name: str) -> timedelta:
         amounts[keyword] = amount
 
     try:
-        return timedelta(**amounts)
+        duration = timedelta(**amounts)
     except OverflowError:
-        raise ValueError(f"invalid {name} {text!r}: too large for a duration") from None
+        _refuse_too_long(text, name)
+    return _within_limit(duration, text, name)
 
 
 def _refuse_leftover(text: str, position: int, name: str) -> NoReturn:
@@ -182,3 +217,8 @@ def _refuse_leftover(text: str, position: int, name: str) -> NoReturn:
         f"invalid {name} {text!r}: unexpected {text[position:].strip()!r} "
         "(write e.g. '90s', '5min', '1h30m')"
     )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + "..."

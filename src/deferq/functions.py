@@ -73,6 +73,8 @@ class BackgroundFunction(Generic[P, R]):
             self._signature: inspect.Signature | None = inspect.signature(fn)
         except (TypeError, ValueError):  # some builtins have none: nothing to check
             self._signature = None
+        self.positional_names = _positional_names(self._signature)
+        """Names of the parameters positional arguments fill, for error messages."""
         self._app = app
         functools.update_wrapper(self, fn)
 
@@ -115,6 +117,13 @@ class BackgroundFunction(Generic[P, R]):
         copy.__dict__.update(self.__dict__)
         copy.call_options = replace(self.call_options, **changes)
         return copy
+
+
+def _positional_names(signature: inspect.Signature | None) -> tuple[str, ...]:
+    if signature is None:
+        return ()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in signature.parameters.values() if p.kind in kinds)
 
 
 def call_args(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

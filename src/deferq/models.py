@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -52,9 +53,20 @@ class ErrorCode(enum.StrEnum):
     RESULT_NOT_JSON = "result_not_json"
     ABORTED = "aborted"
     CANCELLED = "cancelled"
+    CONCURRENCY_LIMIT = "concurrency_limit"
+    """Not an attempt's: an execution cancelled because its function's limit was reached."""
 
     def __str__(self) -> str:
         return self.value
+
+
+_EXECUTION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def is_execution_id(value: object) -> bool:
+    """Whether `value` has the shape of an execution id: a lowercase UUID. Text of any other
+    shape names no execution (and may hold what a store cannot even look up, such as NUL)."""
+    return type(value) is str and _EXECUTION_ID.fullmatch(value) is not None
 
 
 class AttemptOutcome(enum.StrEnum):

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from deferq.durations import DurationLike, parse_duration
+from deferq.durations import MAX_DURATION, DurationLike, parse_duration
 
 DEFAULT_RETRIES = 13
 """The number of retries `retry=True` gives."""
 
-_LONGEST_SECONDS = timedelta.max.total_seconds()
+_LONGEST_SECONDS = MAX_DURATION.total_seconds()
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,10 @@ class RetryPolicy:
     `min(max_interval, initial_interval * multiplier ** (n - 1))`, spread uniformly by
     plus or minus `randomization_factor` of itself so that executions failing together do not
     retry together. Intervals accept anything `parse_duration` does and are stored as
-    `timedelta`. Zeros given explicitly are honoured: `initial_interval=0` retries at once,
-    `randomization_factor=0` waits exactly the computed time. `max_interval` caps the base
-    wait, even the first one.
+    `timedelta`, at most `MAX_DURATION` (100 years) each. Zeros given explicitly are
+    honoured: `initial_interval=0` retries at once, `randomization_factor=0` waits exactly the
+    computed time. `max_interval` caps the base wait, even the first one; the spread wait is
+    capped at `MAX_DURATION`.
 
     >>> RetryPolicy(5, initial_interval="1s", multiplier=2).delay_before_retry(3, rand=0.5)
     datetime.timedelta(seconds=4)
@@ -59,7 +60,8 @@ class RetryPolicy:
         object.__setattr__(self, "randomization_factor", factor)
 
     def delay_before_retry(self, n: int, rand: float | None = None) -> timedelta:
-        """The wait before retry `n` (n >= 1), never negative and never overflowing.
+        """The wait before retry `n` (n >= 1), never negative and never longer than
+        `MAX_DURATION`, however large `n` is.
 
         `rand` in [0, 1] picks the point in the randomization spread (0 the shortest wait,
         0.5 the middle); by default it comes from `random.random()`.
@@ -74,10 +76,7 @@ class RetryPolicy:
         base = self._base_seconds(n)
         spread = base * (1.0 + self.randomization_factor * (2.0 * rand - 1.0))
         seconds = min(max(spread, 0.0), _LONGEST_SECONDS)
-        try:
-            return timedelta(seconds=seconds)
-        except OverflowError:  # rounding at the very top of timedelta's range
-            return timedelta.max
+        return min(timedelta(seconds=seconds), MAX_DURATION)
 
     def _base_seconds(self, n: int) -> float:
         initial = self._seconds(self.initial_interval)
@@ -107,11 +106,17 @@ class RetryPolicy:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RetryPolicy:
         """The policy `to_dict` gave. Missing optional keys take their defaults; unknown keys
-        are ignored, so a policy stored by a newer version still loads."""
+        are ignored, so a policy stored by a newer version still loads. An interval above
+        `MAX_DURATION`, stored before that limit existed, is read as `MAX_DURATION`, so a
+        worker can still retry such an execution."""
         if not isinstance(data, dict) or "max_retries" not in data:
             raise ValueError(f"not a stored retry policy: {data!r}")
         known = ("initial_interval", "multiplier", "randomization_factor", "max_interval")
         options = {key: data[key] for key in known if key in data}
+        for key in ("initial_interval", "max_interval"):
+            value = options.get(key)
+            if isinstance(value, int | float) and value > _LONGEST_SECONDS:
+                options[key] = _LONGEST_SECONDS
         return cls(data["max_retries"], **options)
 
 

@@ -13,6 +13,7 @@ import decimal
 import enum
 import json
 import math
+import sys
 import uuid
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -87,13 +88,20 @@ class _Refusal(Exception):
         return self.error(f"{context}: {self.what} at {where} {self.reason}")
 
 
-def encode_arguments(args: tuple[Any, ...], kwargs: dict[str, Any], *, function_name: str) -> str:
+def encode_arguments(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    function_name: str,
+    positional_names: tuple[str, ...] = (),
+) -> str:
     """Store a call's arguments as compact JSON text: `[args_list, kwargs_dict]`.
 
     Raises `TypeError` for a value of a type JSON cannot carry exactly, and `ValueError` for
-    NaN or infinite floats, strings with a NUL character or a lone surrogate, values nested
-    deeper than `MAX_NESTING` or containing themselves, and text above
-    `MAX_ARGUMENTS_BYTES`.
+    NaN or infinite floats, strings with a NUL character or a lone surrogate, ints too long
+    to write as text, values nested deeper than `MAX_NESTING` or containing themselves, and
+    text above `MAX_ARGUMENTS_BYTES`. Messages name the argument: by `positional_names`
+    (the function's parameters) where given, else by position.
 
     >>> encode_arguments(("ada@example.com",), {"retries": 2}, function_name="app.send")
     '[["ada@example.com"],{"retries":2}]'
@@ -107,7 +115,7 @@ def encode_arguments(args: tuple[Any, ...], kwargs: dict[str, Any], *, function_
         try:
             _check(value, 1)
         except _Refusal as refusal:
-            context = f"cannot store positional argument {index} of {function_name}"
+            context = f"cannot store {_positional(index, positional_names)} of {function_name}"
             raise refusal.build(context, f"args[{index}]") from None
     for name, value in kwargs.items():
         if type(name) is not str:
@@ -121,10 +129,13 @@ def encode_arguments(args: tuple[Any, ...], kwargs: dict[str, Any], *, function_
                 f"cannot store argument {name!r} of {function_name}", name
             ) from None
 
-    text = _encode((args, kwargs))
+    try:
+        text = _encode((args, kwargs))
+    except ValueError:  # an int too long to write as text; found and named below
+        raise _locate_arguments(args, kwargs, function_name, positional_names) from None
     size = _encoded_size(text)
     if size < 0:
-        raise _locate_arguments(args, kwargs, function_name)
+        raise _locate_arguments(args, kwargs, function_name, positional_names)
     if size > MAX_ARGUMENTS_BYTES:
         raise ValueError(
             f"cannot store the arguments of {function_name}: they take {size:,} bytes as JSON, "
@@ -154,7 +165,10 @@ def encode_result(value: Any, *, function_name: str) -> str:
     except _Refusal as refusal:
         raise refusal.build(context, "result") from None
 
-    text = _encode(value)
+    try:
+        text = _encode(value)
+    except ValueError:  # an int too long to write as text; found and named below
+        raise _locate(value, context, "result") from None
     size = _encoded_size(text)
     if size < 0:
         raise _locate(value, context, "result")
@@ -282,11 +296,20 @@ def _encoded_size(text: str) -> int:
         return -1
 
 
+def _positional(index: int, names: tuple[str, ...]) -> str:
+    if index < len(names):
+        return f"argument {names[index]!r} (positional argument {index})"
+    return f"positional argument {index}"
+
+
 def _locate_arguments(
-    args: tuple[Any, ...], kwargs: dict[str, Any], function_name: str
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    function_name: str,
+    positional_names: tuple[str, ...] = (),
 ) -> Exception:
     for index, value in enumerate(args):
-        context = f"cannot store positional argument {index} of {function_name}"
+        context = f"cannot store {_positional(index, positional_names)} of {function_name}"
         error = _find_surrogate(value, context, f"args[{index}]")
         if error is not None:
             return error
@@ -296,15 +319,18 @@ def _locate_arguments(
         error = error or _find_surrogate(value, context, name)
         if error is not None:
             return error
-    return ValueError(f"cannot store the arguments of {function_name}: not valid UTF-8")
+    return ValueError(
+        f"cannot store the arguments of {function_name}: they cannot be written as UTF-8 JSON"
+    )
 
 
 def _locate(value: Any, context: str, root: str) -> Exception:
     error = _find_surrogate(value, context, root)
-    return error or ValueError(f"{context}: not valid UTF-8")
+    return error or ValueError(f"{context}: it cannot be written as UTF-8 JSON")
 
 
 def _find_surrogate(value: Any, context: str, root: str, what: str = "str") -> Exception | None:
+    """The error for the first lone surrogate or overlong int in `value`, or None."""
     try:
         _check_surrogates(value, what)
     except _Refusal as refusal:
@@ -314,7 +340,9 @@ def _find_surrogate(value: Any, context: str, root: str, what: str = "str") -> E
 
 def _check_surrogates(value: Any, what: str = "str") -> None:
     kind = type(value)
-    if kind is str:
+    if kind is int:
+        _check_int_length(value)
+    elif kind is str:
         for position, char in enumerate(value):
             if "\ud800" <= char <= "\udfff":
                 raise _Refusal(
@@ -338,6 +366,18 @@ def _check_surrogates(value: Any, what: str = "str") -> None:
             except _Refusal as refusal:
                 refusal.path.append(f"[{key!r}]")
                 raise
+
+
+def _check_int_length(value: int) -> None:
+    try:
+        str(value)
+    except ValueError:
+        raise _Refusal(
+            ValueError,
+            f"int of about {int(value.bit_length() * 0.30103):,} digits",
+            f"is longer than the {sys.get_int_max_str_digits():,} digits JSON text may hold "
+            "here; pass it as a str",
+        ) from None
 
 
 def _largest_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from deferq.durations import format_duration, parse_duration, parse_when
+from deferq.durations import MAX_DURATION, format_duration, parse_duration, parse_when
 
 
 @pytest.mark.parametrize(
@@ -207,7 +207,7 @@ def test_format_duration(td: timedelta, text: str) -> None:
         timedelta(days=3, hours=4, minutes=5, seconds=6, microseconds=7008),
         timedelta(microseconds=999_999),
         timedelta(weeks=52),
-        timedelta.max,
+        MAX_DURATION,
     ],
 )
 def test_format_duration_reads_back(td: timedelta) -> None:
@@ -222,3 +222,70 @@ def test_format_duration_refuses_other_types() -> None:
 def test_an_aware_datetime_in_utc_is_kept() -> None:
     when = datetime(2030, 1, 1, tzinfo=UTC)
     assert parse_when(when, name="delay") == when
+
+
+# The longest duration: 100 years, so that adding it to any stored time stays a datetime.
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["36525d", "5217w", 36_525 * 86_400, float(36_525 * 86_400), MAX_DURATION],
+)
+def test_the_longest_duration_is_accepted(value: object) -> None:
+    assert parse_duration(value, name="delay") <= MAX_DURATION  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("value", "quoted"),
+    [
+        ("36526d", "'36526d'"),
+        ("5218w", "'5218w'"),
+        ("999999w", "'999999w'"),
+        ("36525d 1s", "'36525d 1s'"),
+        (36_525 * 86_400 + 1, "3155760001"),
+        (1e18, "1e+18"),
+        (10**400, "1000000000"),
+        (MAX_DURATION + timedelta(microseconds=1), "days=36525"),
+        (timedelta.max, "days=999999999"),
+    ],
+)
+def test_durations_over_100_years_are_refused_quoting_the_input(value: object, quoted: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_duration(value, name="delay")  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert message.startswith("invalid delay ")
+    assert quoted in message
+    assert "100 years" in message
+    assert len(message) < 200
+
+
+def test_a_huge_negative_int_is_refused_as_negative() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        parse_duration(-(10**400), name="delay")
+
+
+def test_a_datetime_up_to_100_years_ahead_is_accepted() -> None:
+    when = datetime.now(UTC) + MAX_DURATION - timedelta(minutes=1)
+    assert parse_when(when, name="delay") == when
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime.now(UTC) + MAX_DURATION + timedelta(days=1),
+        datetime(9999, 12, 31, tzinfo=UTC),
+        datetime.max.replace(tzinfo=UTC),
+    ],
+)
+def test_a_datetime_more_than_100_years_ahead_is_refused(when: datetime) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_when(when, name="discard_after")
+    assert str(caught.value).startswith(f"invalid discard_after {when.isoformat()!r}")
+    assert "100 years" in str(caught.value)
+
+
+def test_a_datetime_past_year_9999_in_utc_is_refused() -> None:
+    when = datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5)))
+    with pytest.raises(ValueError) as caught:
+        parse_when(when, name="delay")
+    assert when.isoformat() in str(caught.value)

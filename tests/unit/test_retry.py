@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from deferq.durations import MAX_DURATION
 from deferq.retry import DEFAULT_RETRIES, RetryPolicy, resolve_retry
 
 
@@ -126,8 +127,39 @@ def test_huge_retry_numbers_never_overflow(n: int, multiplier: float) -> None:
 
 
 def test_largest_interval_does_not_overflow() -> None:
-    policy = RetryPolicy(1, "1d", multiplier=10, randomization_factor=1, max_interval=timedelta.max)
-    assert policy.delay_before_retry(10**9, rand=0.999999) <= timedelta.max
+    policy = RetryPolicy(1, "1d", multiplier=10, randomization_factor=1, max_interval=MAX_DURATION)
+    assert policy.delay_before_retry(10**9, rand=0.999999) == MAX_DURATION
+
+
+@pytest.mark.parametrize("n", [1, 2, 10_000, 10**30])
+@pytest.mark.parametrize("rand", [0.5, 0.999999, 1.0])
+def test_the_wait_is_clamped_at_the_longest_duration(n: int, rand: float) -> None:
+    policy = RetryPolicy(
+        10,
+        initial_interval=MAX_DURATION,
+        multiplier=1e300,
+        randomization_factor=1.0,
+        max_interval=MAX_DURATION,
+    )
+    wait = policy.delay_before_retry(n, rand=rand)
+    assert wait == MAX_DURATION
+    assert datetime.now(UTC) + wait < datetime.max.replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize("field", ["initial_interval", "max_interval"])
+@pytest.mark.parametrize("value", [timedelta.max, "999999w", 10**12, MAX_DURATION * 2])
+def test_intervals_over_100_years_are_refused_naming_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError) as caught:
+        RetryPolicy(3, **{field: value})  # type: ignore[arg-type]
+    assert str(caught.value).startswith(f"invalid {field} ")
+    assert "100 years" in str(caught.value)
+
+
+def test_a_stored_policy_with_a_huge_interval_still_loads_clamped() -> None:
+    stored = {"max_retries": 3, "initial_interval": 1e15, "max_interval": 1e300}
+    policy = RetryPolicy.from_dict(stored)
+    assert policy.initial_interval == MAX_DURATION
+    assert policy.delay_before_retry(10_000, rand=1.0) == MAX_DURATION
 
 
 @pytest.mark.parametrize("n", [0, -1, 1.0, True, "1"])

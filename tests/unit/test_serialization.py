@@ -276,3 +276,32 @@ def test_decode_arguments_refuses_malformed_text(text: str) -> None:
 def test_decode_result_refuses_constants_deferq_never_writes() -> None:
     with pytest.raises(ValueError, match="Infinity"):
         decode_result("[Infinity]")
+
+
+# Ints longer than Python writes as text (4,300 digits by default) are refused by name.
+
+
+def test_an_overlong_int_keyword_argument_is_named() -> None:
+    with pytest.raises(ValueError) as caught:
+        encode_arguments((), {"n": 10**5000}, function_name="app.count")
+    message = str(caught.value)
+    assert message.startswith("cannot store argument 'n' of app.count: int of about 5,000")
+    assert "pass it as a str" in message
+
+
+def test_an_overlong_int_deep_in_a_positional_argument_is_located() -> None:
+    with pytest.raises(ValueError) as caught:
+        encode_arguments(("ok", [1, {"x": -(10**6000)}]), {}, function_name="app.count")
+    assert "positional argument 1 of app.count" in str(caught.value)
+    assert "args[1][1]['x']" in str(caught.value)
+
+
+def test_an_overlong_int_result_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"result of app\.count: int .* at result\['n'\]"):
+        encode_result({"n": 10**5000}, function_name="app.count")
+
+
+def test_an_int_just_within_the_text_limit_survives() -> None:
+    big = 10**4299
+    [value], _ = decode_arguments(encode_arguments((big,), {}, function_name="app.count"))
+    assert value == big

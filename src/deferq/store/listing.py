@@ -2,24 +2,108 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
 
+from deferq.models import ErrorCode, ExecutionState, is_execution_id
 from deferq.store.base import ExecutionQuery
 
 MAX_PAGE_SIZE = 1000
 
+KNOWN_ERROR_CODES = tuple(code.value for code in ErrorCode)
+KNOWN_STATES = tuple(state.value for state in ExecutionState)
+
 
 def validate_query(query: ExecutionQuery) -> None:
-    """Refuse a page size or cursor that cannot be served."""
+    """Refuse filters, a page size or a cursor that cannot be served: `TypeError` for a value
+    of the wrong type, `ValueError` for an unknown state or error code, a naive datetime, a
+    cursor that is not an execution id; each names the filter and quotes the value."""
     if type(query.first) is not int or not 1 <= query.first <= MAX_PAGE_SIZE:
         raise ValueError(f"first must be an integer from 1 to {MAX_PAGE_SIZE}, not {query.first!r}")
     if query.after is not None and not isinstance(query.after, str):
         raise TypeError(f"after must be a cursor string, not {query.after!r}")
+    if query.after is not None and not is_execution_id(query.after):
+        raise ValueError(f"invalid cursor {_quote(query.after)}: not an execution id")
+    _check_texts("states", query.states)
+    for state in query.states or ():
+        if state not in KNOWN_STATES:
+            raise ValueError(f"unknown state {state!r} (states: {', '.join(KNOWN_STATES)})")
+    _check_texts("functions", query.functions)
+    _check_texts("error_codes", query.error_codes)
+    unknown = [code for code in query.error_codes or () if code not in KNOWN_ERROR_CODES]
+    if unknown:
+        raise ValueError(
+            f"unknown error code{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))} (error codes: {', '.join(KNOWN_ERROR_CODES)})"
+        )
+    _check_metadata_filter(query.metadata)
     for name in ("scheduled_between", "started_between"):
         value = getattr(query, name)
-        if value is not None and (not isinstance(value, tuple | list) or len(value) != 2):
-            raise ValueError(f"{name} must be a (start, end) pair, not {value!r}")
+        if value is None:
+            continue
+        if not isinstance(value, tuple | list) or len(value) != 2:
+            raise ValueError(f"{name} must be a (start, end) pair, not {_quote(value)}")
+        for end, instant in zip(("start", "end"), value, strict=True):
+            _check_instant(f"{name} {end}", instant)
+
+
+def _check_texts(name: str, values: Any) -> None:
+    if values is None:
+        return
+    if isinstance(values, str | bytes) or not isinstance(values, list | tuple):
+        raise TypeError(f"{name} must be a list of str, not {_quote(values)}")
+    for value in values:
+        if type(value) is not str:
+            raise TypeError(
+                f"{name} must be a list of str; {_quote(value)} is a {type(value).__name__}"
+            )
+
+
+def _check_metadata_filter(metadata: Any) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping):
+        raise TypeError(
+            f"metadata must be a mapping of keys to a value or a list of values, "
+            f"not {_quote(metadata)}"
+        )
+    for key, values in metadata.items():
+        if type(key) is not str:
+            raise TypeError(f"metadata filter key {_quote(key)} must be a str")
+        if type(values) is str:
+            continue
+        if not isinstance(values, list | tuple | set | frozenset):
+            raise TypeError(
+                f"metadata filter of key {key!r} must be a str or a list of str, "
+                f"not {_quote(values)}"
+            )
+        for value in values:
+            if type(value) is not str:
+                raise TypeError(
+                    f"metadata filter of key {key!r} holds {_quote(value)}, "
+                    f"a {type(value).__name__}; values are str"
+                )
+
+
+def _check_instant(label: str, instant: Any) -> None:
+    if instant is None:
+        return
+    if not isinstance(instant, datetime):
+        raise TypeError(
+            f"{label} must be an aware datetime or None, not {_quote(instant)} "
+            f"({type(instant).__name__})"
+        )
+    if instant.utcoffset() is None:
+        raise ValueError(
+            f"{label} {instant.isoformat()!r} is a naive datetime; pass an aware one, e.g. "
+            "datetime(2026, 1, 1, tzinfo=timezone.utc)"
+        )
+
+
+def _quote(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + "..."
 
 
 def build_where(
