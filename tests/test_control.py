@@ -13,6 +13,7 @@ recorded `worker_lost` within --lost-after plus about a second.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -655,18 +656,21 @@ def test_slow_live_attempt_is_never_taken_over(app: App, workers: Any, log: str)
 def test_worker_declared_lost_while_paused_stops_its_attempts_on_resuming(
     app: App, workers: Any, log: str
 ) -> None:
-    """A worker paused (SIGSTOP of its whole process group) past --lost-after has its
-    attempts taken over. When it resumes it learns it was declared lost: it must stop its
-    now duplicate attempts at once, not give them a grace period."""
+    """A worker paused (SIGSTOP of its process group, and of its slot's child, which leads
+    a group of its own) past --lost-after has its attempts taken over. When it resumes it
+    must stop its now duplicate attempts at once, not give them a grace period."""
     paused = workers("--slots", "1", "--prefetch", "0", "--grace", "30s", *FAST_LOSS)
     execution = control.hangs_first_time(log, "taken-over")
     (run,) = wait_started(log, "taken-over")
     os.killpg(paused.pid, signal.SIGSTOP)
+    os.killpg(run["pid"], signal.SIGSTOP)
     try:
         workers("--slots", "1", *FAST_LOSS)
         assert wait_final(app, execution.id, timeout=10).state == "succeeded"
     finally:
         os.killpg(paused.pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run["pid"], signal.SIGCONT)
     resumed = time.monotonic()
     wait_until(lambda: not process_alive(run["pid"]), 5, what="the duplicate attempt to stop")
     assert time.monotonic() - resumed < 2.0

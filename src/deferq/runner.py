@@ -52,7 +52,10 @@ def run_function(function_name: str, arguments: str, loop: asyncio.AbstractEvent
         args, kwargs = decode_arguments(arguments)
         value = function.__wrapped__(*args, **kwargs)
         if asyncio.iscoroutine(value):
-            value = loop.run_until_complete(value)
+            try:
+                value = loop.run_until_complete(value)
+            finally:
+                cancel_leftover_tasks(loop)
     except BaseException as exc:  # the function's failure is data, whatever it raised
         return [
             "error",
@@ -64,6 +67,26 @@ def run_function(function_name: str, arguments: str, loop: asyncio.AbstractEvent
         return ["ok", encode_result(value, function_name=function_name)]
     except (TypeError, ValueError) as exc:
         return ["error", ErrorCode.RESULT_NOT_JSON.value, str(exc), None]
+
+
+LEFTOVER_TASKS_GRACE = 1.0
+"""Seconds the tasks an async attempt left behind get to end once cancelled."""
+
+
+def cancel_leftover_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the tasks an async attempt left running on the slot's event loop and let them
+    end, so none runs on during a later attempt. Those still pending after
+    `LEFTOVER_TASKS_GRACE` (they swallow their cancellation) keep the loop from being run
+    again: the slot replaces it."""
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    done, _ = loop.run_until_complete(asyncio.wait(tasks, timeout=LEFTOVER_TASKS_GRACE))
+    for task in done:
+        if not task.cancelled():
+            task.exception()  # retrieved: no "exception was never retrieved" at exit
 
 
 def retry_in(claimed: ClaimedAttempt, error_code: str) -> timedelta | None:
@@ -160,6 +183,9 @@ def child_main(modules: list[str], conn: Connection, parent_pid: int, log_level:
     # children stop, and stops them with SIGKILL.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A process group of its own, before any function runs: stopping an attempt kills the
+    # group, so the subprocesses the function started die with it.
+    os.setpgid(0, 0)
     _die_with_parent(parent_pid)
     logging.basicConfig(level=log_level)
     try:
@@ -176,4 +202,11 @@ def child_main(modules: list[str], conn: Connection, parent_pid: int, log_level:
         except (EOFError, OSError):
             return
         function_name, arguments = json.loads(message)
-        conn.send_bytes(json.dumps(run_function(function_name, arguments, loop)).encode())
+        raw = run_function(function_name, arguments, loop)
+        if asyncio.all_tasks(loop):
+            # Tasks that ignored their cancellation would run again with the next async
+            # attempt: they are left behind on a closed loop instead.
+            loop.close()
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+        conn.send_bytes(json.dumps(raw).encode())

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from multiprocessing.connection import wait as wait_for_any
 from typing import Any
 
@@ -37,11 +37,21 @@ from deferq.store.base import AttemptReport, ClaimedAttempt, FunctionLimits, Sto
 logger = logging.getLogger("deferq.worker")
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
+def contact_clock() -> float:
+    """Seconds on a clock that keeps counting while the process is paused (SIGSTOP) and,
+    on Linux, while the machine sleeps: the store's clock, which decides when a silent
+    worker is lost, keeps counting through both."""
+    return time.clock_gettime(_CONTACT_CLOCK)
+
+
+_CONTACT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 
 _spawn = multiprocessing.get_context("spawn")
+
+OUT_OF_CONTACT = "stopped: its worker was out of contact with the store"
+
+_UNLIMITED = FunctionLimits()
 
 REPORT_LINGER = 0.005
 """Seconds a finished attempt's report may wait for others to share its commit. Past it the
@@ -96,6 +106,7 @@ class Slot:
         self.ready = False
         self.current: ClaimedAttempt | None = None
         self.started = 0.0
+        self.lock = threading.Lock()
 
     def start_child(self) -> None:
         parent_conn, child_conn = _spawn.Pipe()
@@ -123,14 +134,34 @@ class Slot:
         return None if self.current is None else self.started + self.current.max_duration
 
     def kill(self) -> None:
-        """Stop the child and wait until it is gone: its attempt has really ended."""
-        if self.process is not None:
-            if self.process.is_alive():
-                self.process.kill()
-            self.process.join()
-            self.conn.close()
-        self.process = self.conn = None
-        self.ready = False
+        """Stop the child and the subprocesses it started, and wait until the child is gone:
+        its attempt has really ended."""
+        with self.lock:
+            if self.process is not None:
+                self._kill_group(self.process)
+                self.process.join()
+                self.conn.close()
+            self.process = self.conn = None
+            self.ready = False
+
+    def kill_running(self) -> bool:
+        """Kill the child if it runs an attempt, without waiting for it (safe from another
+        thread than the main loop's, which notices the end and reports the attempt)."""
+        with self.lock:
+            process = self.process
+            if self.current is None or process is None or process.exitcode is not None:
+                return False
+            self._kill_group(process)
+            return True
+
+    @staticmethod
+    def _kill_group(process: Any) -> None:
+        # The child leads a process group of its own (see `child_main`); until it has made
+        # it, it runs no function and has started nothing, so killing it alone is enough.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        if process.exitcode is None:
+            process.kill()
 
 
 class Worker:
@@ -175,6 +206,19 @@ class Worker:
         self._watch_ready = False
         self.buffer: collections.deque[ClaimedAttempt] = collections.deque()
         """Attempts claimed (started in the store) but not yet handed to a slot."""
+        self._claimed_at: dict[str, float] = {}
+        """When (monotonic) the claim of each buffered attempt was sent: with the claim's
+        time in the store, it gives the store's clock, by which discard_after is judged."""
+        self.maybe_due = True
+        """Work may be due that this worker can take: worth a claim."""
+        self.fence_after = self.settings.lost_after.total_seconds() / 2
+        self.fenced = threading.Event()
+        """Set while no heartbeat was stored for `fence_after`: running attempts are
+        stopped and nothing is claimed or begun, lest it overlap the retry of an attempt
+        taken over as lost."""
+        self._contact_at = contact_clock()
+        """When the last heartbeat the store accepted was sent (`contact_clock`)."""
+        self._fence_lock = threading.Lock()
 
     # Lifecycle
 
@@ -188,6 +232,7 @@ class Worker:
             slot.start_child()
         for slot in self.slots:
             self._await_ready(slot)
+        self._contact_at = contact_clock()
         store.register_worker(self.id, self.settings.name, socket.gethostname(), os.getpid())
         logger.info(
             "Worker started",
@@ -250,7 +295,6 @@ class Worker:
         watcher = store.watch()
         # Claim in batches: once the slots and the buffer have room for this many.
         batch = max(1, (self.settings.slots + self.settings.prefetch) // 2)
-        maybe_due = True  # work may be due: worth a claim
         poll_at = 0.0  # when to try a claim anyway (poll interval, or the next due time)
         watch_at = 0.0  # when to ask a polling watcher for news
         grace_end: float | None = None
@@ -267,26 +311,28 @@ class Worker:
                         self._flush_reports()
                         return
 
-                self._enforce_limits(now)
+                fenced = self._out_of_contact()
+                self._enforce_limits(now, fenced)
                 self._feed_slots()
                 room = 0
-                if grace_end is None:
+                if grace_end is None and not fenced:
                     room = self._capacity() - self.running_count - len(self.buffer)
-                    if not maybe_due and room:
+                    if not self.maybe_due and room:
                         if now >= poll_at:
-                            maybe_due = True
+                            self.maybe_due = True
                         elif now >= watch_at or self._watch_ready:
                             self._watch_ready = False
-                            maybe_due = watcher.changed()
+                            self.maybe_due = watcher.changed()
                             watch_at = now + (watcher.poll_interval or 3600.0)
                 starving = not self.buffer and any(s.free for s in self.slots)
-                claim = room if maybe_due and (room >= batch or (starving and room)) else 0
+                wanted = self.maybe_due and (room >= batch or (starving and room))
+                claim = room if wanted else 0
                 due_to_store = starving or now >= self._reports_since + REPORT_LINGER
                 if claim or len(self._reports) >= batch or (self._reports and due_to_store):
                     claimed = self._record_and_claim(claim)
                     if claim and len(claimed) < claim:
-                        maybe_due = False
-                        poll_at = now + self._until_due(store)
+                        self.maybe_due = False
+                        poll_at = now + self._until_due(store, time.monotonic() - now)
                         watch_at = now + (watcher.poll_interval or 3600.0)
                     self.buffer.extend(claimed)
                     self._feed_slots()
@@ -294,7 +340,7 @@ class Worker:
                         continue
 
                 wake_at = None
-                if room and not maybe_due:
+                if room and not self.maybe_due:
                     wake_at = min(poll_at, watch_at)
                 self._wait(now, wake_at, watcher, grace_end)
         finally:
@@ -305,12 +351,14 @@ class Worker:
         # yet: with --prefetch 0 a claimed attempt must begin at once.
         return sum(slot.ready for slot in self.slots) + self.settings.prefetch
 
-    def _until_due(self, store: Any) -> float:
-        """Seconds until a claim is worth trying without news: the poll interval, or sooner
-        when a scheduled execution becomes due."""
+    def _until_due(self, store: Any, since_claim: float) -> float:
+        """Seconds until a claim is worth trying without news, after a claim that came back
+        short `since_claim` seconds ago: the poll interval, or sooner when an execution of
+        our functions becomes due. Due work the claim could not take (a concurrency limit
+        reached) waits for news: the watcher, one of our limited attempts ending, the poll."""
         wait = self.settings.poll_interval.total_seconds()
         try:
-            due_in = store.next_due_in()
+            due_in = store.next_due_in(list(self.functions), timedelta(seconds=since_claim))
         except StoreUnavailable:
             return wait
         if due_in is not None:
@@ -319,8 +367,12 @@ class Worker:
 
     def _record_and_claim(self, limit: int) -> list[ClaimedAttempt]:
         reports, self._reports = self._reports, []
+        sent = time.monotonic()
         try:
-            return self.app.store.record_and_claim(reports, self.id, self.functions, limit)
+            claimed = self.app.store.record_and_claim(reports, self.id, self.functions, limit)
+            for attempt in claimed:
+                self._claimed_at[attempt.execution_id] = sent
+            return claimed
         except StoreUnavailable as exc:
             self._reports[:0] = reports  # kept for the next turn: nothing is lost
             logger.warning(
@@ -331,21 +383,35 @@ class Worker:
 
     def _feed_slots(self) -> None:
         """Hand buffered attempts to free slots; the attempt's time starts now. One asked to
-        abort, or past its discard_after, while it waited ends here without beginning."""
-        if not self.buffer:
+        abort, or past its discard_after, while it waited ends here without beginning.
+        Nothing begins while the worker is out of contact with the store."""
+        if not self.buffer or self._out_of_contact():
             return
         for slot in self.slots:
             while slot.free and self.buffer:
                 claimed = self.buffer.popleft()
                 if claimed.execution_id in self.aborting:
                     self._finish(claimed, failure(claimed, "aborted", "aborted before it began"))
-                elif claimed.discard_after is not None and claimed.discard_after <= _utc_now():
+                elif self._past_discard_after(claimed):
                     # The store discards it: its retry time (now) is past discard_after.
                     self._finish(claimed, unbegun(claimed, "its discard_after passed"))
                 else:
                     slot.send(claimed)
                     self.running_count += 1
                     self.log_started(claimed)
+
+    def _past_discard_after(self, claimed: ClaimedAttempt) -> bool:
+        """Whether the store's clock has reached the attempt's discard_after. The store's
+        now is the claim's time in the store plus the time since the claim was sent (a
+        little later than the truth: a start is never late), so a worker whose own clock
+        is wrong judges it right."""
+        sent = self._claimed_at.pop(claimed.execution_id, None)
+        if claimed.discard_after is None:
+            return False
+        if sent is None:
+            return True  # never so: every buffered attempt has its claim time
+        store_now = claimed.started_at + timedelta(seconds=time.monotonic() - sent)
+        return claimed.discard_after <= store_now
 
     def _wait(
         self, now: float, wake_at: float | None, watcher: Any, grace_end: float | None = None
@@ -366,25 +432,30 @@ class Worker:
         if watched is not None and wake_at is not None:
             waitables.append(watched)
         waitables += [s.conn for s in self.slots if s.conn is not None]
-        for ready in wait_for_any(waitables, max(0.0, timeout)):
+        ready_ones = wait_for_any(waitables, max(0.0, timeout))
+        if self._out_of_contact():
+            # Resumed after a pause, perhaps: running attempts stop before anything else.
+            self._enforce_limits(time.monotonic(), fenced=True)
+        for ready in ready_ones:
             if ready == self._wake_r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
             elif ready == watched:
                 self._watch_ready = True  # the watcher tells what changed on the next turn
             else:
-                self._receive(next(s for s in self.slots if s.conn is ready))
+                answering = next((s for s in self.slots if s.conn is ready), None)
+                if answering is not None:  # else its child was just stopped and replaced
+                    self._receive(answering)
 
     def _receive(self, slot: Slot) -> None:
         try:
             message = json.loads(slot.conn.recv_bytes())
         except (EOFError, OSError):
             code = slot.process.exitcode if slot.process is not None else None
-            self._stop_slot(
-                slot,
-                ErrorCode.WORKER_LOST.value,
-                f"the process running the attempt exited (exit code {code})",
-            )
+            message = f"the process running the attempt exited (exit code {code})"
+            if self.fenced.is_set():
+                message = OUT_OF_CONTACT
+            self._stop_slot(slot, ErrorCode.WORKER_LOST.value, message)
             return
         if not slot.ready:
             if message[0] != "ready":
@@ -396,18 +467,23 @@ class Worker:
         slot.current = None
         self.running_count -= 1
         self._finish(claimed, report(claimed, message))
+        if self.functions.get(claimed.function_name, _UNLIMITED).concurrency is not None:
+            self.maybe_due = True  # its place under the limit is free: worth a claim
         if self.buffer:
             self._feed_slots()
 
-    def _enforce_limits(self, now: float) -> None:
-        """Stop attempts past their max duration, and those asked to abort."""
+    def _enforce_limits(self, now: float, fenced: bool = False) -> None:
+        """Stop attempts past their max duration, those asked to abort, and all of them
+        while the worker is out of contact with the store."""
         if self.aborting and self.buffer:
             self._abort_buffered()
         for slot in self.slots:
             current = slot.current
             if current is None:
                 continue
-            if current.execution_id in self.aborting:
+            if fenced:
+                self._stop_slot(slot, ErrorCode.WORKER_LOST.value, OUT_OF_CONTACT)
+            elif current.execution_id in self.aborting:
                 self._stop_slot(slot, ErrorCode.ABORTED.value, "aborted on request")
             elif now >= slot.started + current.max_duration:
                 self._stop_slot(
@@ -489,6 +565,7 @@ class Worker:
             self._record_and_claim(0)
 
     def _finish(self, claimed: ClaimedAttempt, attempt_report: AttemptReport) -> None:
+        self._claimed_at.pop(claimed.execution_id, None)
         if not self._reports:
             self._reports_since = time.monotonic()
         self._reports.append(attempt_report)
@@ -499,10 +576,13 @@ class Worker:
     def _start_side_tasks(self) -> list[threading.Thread]:
         tasks: list[tuple[str, Callable[[], None], timedelta]] = [
             ("heartbeat", self._heartbeat, self.settings.heartbeat_interval),
+            ("fence", self._watch_contact, timedelta(seconds=min(0.1, self.fence_after / 5))),
             ("abort_watcher", self._watch_aborts, self.settings.abort_check_interval),
             ("rescuer", self._rescue_lost_attempts, self.settings.lost_after / 3),
             ("discarder", self._discard_expired, timedelta(milliseconds=250)),
         ]
+        if any(f.cancel_when_limited and f.concurrency for f in self.functions.values()):
+            tasks.append(("canceller", self._cancel_over_limit, timedelta(milliseconds=250)))
         if self.settings.retention > timedelta(0):
             tasks.append(("pruner", self._prune_finished, timedelta(minutes=1)))
         if self.cron_functions:
@@ -543,13 +623,62 @@ class Worker:
             self.stopped.wait(seconds)
 
     def _heartbeat(self) -> None:
-        if not self.app.store.heartbeat(self.id):
-            # Our attempts run again elsewhere: stop them at once, no grace period.
-            self.settings.grace = timedelta(0)
-            raise RuntimeError(
-                "this worker was declared lost (no heartbeat for "
-                f"{self.settings.lost_after}); its attempts were taken over"
-            )
+        # Out of contact, a second heartbeat follows at once: the first, sent before the
+        # store came back, may have waited long enough to be stale already.
+        for _ in range(2):
+            sent = contact_clock()
+            if not self.app.store.heartbeat(self.id):
+                # Our attempts run again elsewhere: stop them at once, no grace period.
+                self.settings.grace = timedelta(0)
+                raise RuntimeError(
+                    "this worker was declared lost (no heartbeat for "
+                    f"{self.settings.lost_after}); its attempts were taken over"
+                )
+            self._contact_at = sent
+            if not self.fenced.is_set():
+                return
+            if contact_clock() - sent <= self.fence_after:
+                with self._fence_lock:
+                    self.fenced.clear()
+                logger.info(
+                    "In contact with the store again: claiming again",
+                    extra={"action": "regain_contact", "worker": self.id},
+                )
+                self.wake()
+                return
+
+    def _out_of_contact(self) -> bool:
+        """Whether no heartbeat was stored for `fence_after` (half of --lost-after): the
+        store may soon declare this worker lost and retry its attempts elsewhere, so they
+        must stop now. Judged by a clock that counts through pauses, so a worker resumed
+        after a SIGSTOP knows at once."""
+        if self.fenced.is_set():
+            return True
+        silent = contact_clock() - self._contact_at
+        if silent <= self.fence_after:
+            return False
+        with self._fence_lock:
+            if self.fenced.is_set():
+                return True
+            self.fenced.set()
+        logger.warning(
+            "Out of contact with the store: stopping running attempts",
+            extra={
+                "action": "lose_contact",
+                "worker": self.id,
+                "silent_for": round(silent, 3),
+                "running": self.running_count,
+            },
+        )
+        self.wake()
+        return True
+
+    def _watch_contact(self) -> None:
+        """Kill the running attempts' processes once out of contact, even while the main
+        loop waits on the store: the main loop records them when it gets back."""
+        if self._out_of_contact():
+            for slot in self.slots:
+                slot.kill_running()
 
     def _watch_aborts(self) -> None:
         if not self.running_count and not self.buffer:
@@ -561,6 +690,8 @@ class Worker:
                 self.wake()
 
     def _rescue_lost_attempts(self) -> None:
+        if self.fenced.is_set():
+            return  # out of contact, this worker would be the first it declared lost
         lost = self.app.store.declare_lost_workers(self.settings.lost_after)
         if not lost:
             return
@@ -591,6 +722,9 @@ class Worker:
                 "Discarded executions past their discard_after",
                 extra={"action": "discard_executions", "count": count},
             )
+
+    def _cancel_over_limit(self) -> None:
+        self.app.store.cancel_over_limit(self.functions)
 
     def _prune_finished(self) -> None:
         count = self.app.store.prune_finished(self.settings.retention)

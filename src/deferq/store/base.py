@@ -217,8 +217,22 @@ class Store(abc.ABC):
         """Mark workers silent for `lost_after` as lost; return the attempts they were running."""
 
     @abc.abstractmethod
-    def next_due_in(self) -> timedelta | None:
-        """How long until the earliest `created` execution is due (zero if one is)."""
+    def next_due_in(
+        self, functions: Sequence[str] | None = None, since: timedelta | None = None
+    ) -> timedelta | None:
+        """How long until the earliest `created` execution of `functions` (of any function
+        when None) is due: zero if one is, None if there is none.
+
+        With `since`, executions that were already due `since` ago are left out: a worker
+        whose claim came back short passes the time since that claim, so that due work it
+        could not take (a concurrency limit reached) does not make it claim again at once,
+        while work that became due meanwhile does."""
+
+    @abc.abstractmethod
+    def cancel_over_limit(self, functions: Mapping[str, FunctionLimits]) -> None:
+        """Cancel the due executions of functions with the "cancel" action that their
+        concurrency limit leaves no room for, as a claim does, without claiming any: so
+        they are cancelled promptly while every worker is busy."""
 
     def watch(self) -> Watcher:
         """Something the worker can wait on for new or newly due work."""

@@ -1,7 +1,12 @@
 """The embedded store: one SQLite file in WAL mode, shared by every process on the machine.
 
 Every write runs in a `BEGIN IMMEDIATE` transaction, so writers queue on SQLite's lock (with a
-generous busy timeout) instead of failing with "database is locked" on a lock upgrade.
+generous busy timeout) instead of failing with "database is locked" on a lock upgrade. A lock
+still held when the busy timeout ends, or a failing disk, raises `StoreUnavailable`, as a lost
+connection does on PostgreSQL: callers may try again, and a worker keeps its reports for its
+next turn.
+
+Each thread gets a connection of its own, closed when the thread ends.
 """
 
 from __future__ import annotations
@@ -11,12 +16,14 @@ import logging
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from deferq.durations import parse_duration
 from deferq.errors import (
     ConfigurationError,
     ExecutionNotCancellable,
@@ -43,6 +50,8 @@ logger = logging.getLogger("deferq.store")
 
 Q = load_queries("sqlite")
 BUSY_TIMEOUT_MS = 60_000
+"""How long a write waits for another connection's write lock before `StoreUnavailable`;
+the URL parameter `busy_timeout` (`sqlite:///file.sqlite3?busy_timeout=5s`) changes it."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -70,6 +79,82 @@ def _when_us(when: When, now_us: int) -> int:
     return to_us(when)
 
 
+def busy_timeout_from_url(url: str) -> int:
+    """The busy timeout in milliseconds the URL asks for: its `busy_timeout` parameter, a
+    duration (`?busy_timeout=5s`), or `BUSY_TIMEOUT_MS`. Other parameters are refused."""
+    path_from_url(url)
+    _, _, query = url.partition("?")
+    timeout = BUSY_TIMEOUT_MS
+    for pair in filter(None, query.split("&")):
+        key, sep, value = pair.partition("=")
+        if key != "busy_timeout" or not sep:
+            raise ConfigurationError(
+                f"invalid SQLite store URL {url!r}: unknown parameter {pair!r} "
+                "(known: busy_timeout, e.g. ?busy_timeout=5s)"
+            )
+        try:
+            duration = parse_duration(value, name="busy_timeout")
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"invalid SQLite store URL {url!r}: {exc}") from None
+        timeout = duration // timedelta(milliseconds=1)
+    return timeout
+
+
+_TRANSIENT_ERRORS = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+"""Result codes of failures that may pass: a lock held too long, a full or failing disk.
+Others (a syntax error, a constraint) are bugs and are raised as they are."""
+
+
+def _is_transient(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return isinstance(exc, sqlite3.OperationalError)
+    return (code & 0xFF) in _TRANSIENT_ERRORS
+
+
+@contextmanager
+def _available(path: str) -> Iterator[None]:
+    """Turn a failure that may pass into `StoreUnavailable`."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if _is_transient(exc):
+            raise StoreUnavailable(f"SQLite store {path!r} unavailable: {exc}") from exc
+        raise
+
+
+class _ThreadConnection:
+    """The holder of one thread's connection, kept in the store's thread-local data.
+
+    When the thread ends, Python drops its thread-local data and with it this holder, whose
+    finalizer closes the connection: an application calling from many short-lived threads
+    does not run out of file descriptors."""
+
+    __slots__ = ("conn", "__weakref__")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+
+def _close_connection(
+    conn: sqlite3.Connection, connections: set[sqlite3.Connection], lock: threading.Lock
+) -> None:
+    with lock:
+        connections.discard(conn)
+    with suppress(sqlite3.Error):
+        conn.close()
+
+
 def path_from_url(url: str) -> str:
     """`sqlite:///relative.db` or `sqlite:////absolute/path.db` to a file path."""
     if not url.startswith("sqlite:///"):
@@ -90,8 +175,9 @@ class SQLiteStore(Store):
     def __init__(self, url: str) -> None:
         self.url = url
         self.path = path_from_url(url)
+        self.busy_timeout_ms = busy_timeout_from_url(url)
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: set[sqlite3.Connection] = set()
         self._lock = threading.Lock()
         self._migrated = False
 
@@ -99,11 +185,12 @@ class SQLiteStore(Store):
 
     def _connect(self) -> sqlite3.Connection:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        timeout_ms = self.busy_timeout_ms
         conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1e3
+            self.path, isolation_level=None, check_same_thread=False, timeout=timeout_ms / 1e3
         )
         conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout_ms)}")
         # Durable against a crash of the process; a power cut may lose the last commits.
         conn.execute("PRAGMA synchronous = NORMAL")
         # Checkpoints (which fsync) every 16 MB of WAL instead of 4 MB: fewer stalls for
@@ -118,34 +205,59 @@ class SQLiteStore(Store):
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
+            conn = self._open_thread_connection()
+        return conn
+
+    def _open_thread_connection(self) -> sqlite3.Connection:
+        try:
+            conn = self._connect()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite store {self.path!r}: {exc}") from exc
+        holder = _ThreadConnection(conn)
+        weakref.finalize(holder, _close_connection, conn, self._connections, self._lock)
+        with self._lock:
+            self._connections.add(conn)
+        self._local.holder = holder
+        self._local.conn = conn
+        if not self._migrated:
             try:
-                conn = self._connect()
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"cannot open SQLite store {self.path!r}: {exc}") from exc
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-            if not self._migrated:
-                self.migrate()
+                with _available(self.path):
+                    self.migrate()
+            except BaseException:
+                # Dropping the holder closes the connection; the next call tries again.
+                del self._local.conn, self._local.holder
+                raise
         return conn
 
     @contextmanager
     def _write(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        """A write transaction. A lock held by another connection past the busy timeout, or
+        a failing disk, raises `StoreUnavailable` with nothing written."""
         conn = conn or self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with _available(self.path):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+
+    def _read(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[Any]:
+        """The rows of one query outside a write transaction; a busy or failing store raises
+        `StoreUnavailable`."""
+        with _available(self.path):
+            return self.conn.execute(sql, params).fetchall()
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._connections:
-                with suppress(sqlite3.Error):
-                    conn.close()
+            connections = list(self._connections)
             self._connections.clear()
+        for conn in connections:
+            with suppress(sqlite3.Error):
+                conn.close()
         self._local = threading.local()
 
     def migrate(self) -> None:
@@ -213,10 +325,13 @@ class SQLiteStore(Store):
         return executions
 
     def _retrying(self, fn: Any, *args: Any) -> Any:
+        # The single-call enqueue's path: a plain try, cheaper than the context manager.
         try:
             return fn(*args)
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        except sqlite3.Error as exc:
+            if _is_transient(exc):
+                raise StoreUnavailable(f"SQLite store {self.path!r} unavailable: {exc}") from exc
+            raise
 
     def sync_schedule(
         self,
@@ -277,16 +392,16 @@ class SQLiteStore(Store):
                 next_tick=from_us(row["next_tick"]),
                 seen_at=from_us(row["seen_at"]),  # type: ignore[arg-type]
             )
-            for row in self.conn.execute(Q["list_schedules"])
+            for row in self._read(Q["list_schedules"])
         ]
 
     def get_execution(self, execution_id: str) -> Execution | None:
-        row = self.conn.execute(Q["get_execution"], (execution_id,)).fetchone()
-        return None if row is None else _row_to_execution(row)
+        rows = self._read(Q["get_execution"], (execution_id,))
+        return _row_to_execution(rows[0]) if rows else None
 
     def get_result(self, execution_id: str) -> tuple[Execution, str | None] | None:
-        row = self.conn.execute(Q["get_execution"], (execution_id,)).fetchone()
-        return None if row is None else (_row_to_execution(row), row["result"])
+        rows = self._read(Q["get_execution"], (execution_id,))
+        return (_row_to_execution(rows[0]), rows[0]["result"]) if rows else None
 
     def list_executions(self, query: ExecutionQuery) -> Page:
         validate_query(query)
@@ -297,13 +412,13 @@ class SQLiteStore(Store):
             _metadata_clause,
         )
         sql = f"SELECT * FROM deferq_executions WHERE {where} ORDER BY id DESC LIMIT ?"
-        rows = self.conn.execute(sql, [*params, query.first + 1]).fetchall()
+        rows = self._read(sql, [*params, query.first + 1])
         items = [_row_to_execution(r) for r in rows[: query.first]]
         next_cursor = items[-1].id if len(rows) > query.first else None
         return Page(items=items, next_cursor=next_cursor)
 
     def list_attempts(self, execution_id: str) -> list[Attempt]:
-        rows = self.conn.execute(Q["list_attempts"], (execution_id,)).fetchall()
+        rows = self._read(Q["list_attempts"], (execution_id,))
         return [_row_to_attempt(r) for r in rows]
 
     def cancel_execution(self, execution_id: str, force: bool) -> Execution:
@@ -373,7 +488,7 @@ class SQLiteStore(Store):
         horizon_us = horizon // timedelta(microseconds=1)
         if limit <= 0 or not functions:
             limit = 0
-        elif conn.execute(Q["due_any"], (_now_us() + horizon_us,)).fetchone() is None:
+        elif not self._read(Q["due_any"], (_now_us() + horizon_us,)):
             # A cheap read first: most polls of an idle store end here, without the write lock.
             limit = 0
         if not reports and not limit:
@@ -481,22 +596,19 @@ class SQLiteStore(Store):
         )
 
     def aborting_executions(self, worker_id: str) -> list[str]:
-        return [r[0] for r in self.conn.execute(Q["aborting_executions"], (worker_id,))]
+        return [r[0] for r in self._read(Q["aborting_executions"], (worker_id,))]
 
     def discard_expired(self) -> int:
         now = _now_us()
-        conn = self.conn
-        if (
-            conn.execute(
-                "SELECT 1 FROM deferq_executions INDEXED BY deferq_executions_discard"
-                " WHERE state = 'created' AND discard_after IS NOT NULL AND discard_after <= ?"
-                " LIMIT 1",
-                (now,),
-            ).fetchone()
-            is None
-        ):
+        expired = self._read(
+            "SELECT 1 FROM deferq_executions INDEXED BY deferq_executions_discard"
+            " WHERE state = 'created' AND discard_after IS NOT NULL AND discard_after <= ?"
+            " LIMIT 1",
+            (now,),
+        )
+        if not expired:
             return 0
-        with self._write(conn):
+        with self._write() as conn:
             return conn.execute(Q["discard_expired"], (now, now)).rowcount
 
     def declare_lost_workers(self, lost_after: timedelta) -> list[ClaimedAttempt]:
@@ -520,11 +632,32 @@ class SQLiteStore(Store):
             )
         return attempts
 
-    def next_due_in(self) -> timedelta | None:
-        value = self.conn.execute(Q["next_due"]).fetchone()[0]
+    def next_due_in(
+        self, functions: Sequence[str] | None = None, since: timedelta | None = None
+    ) -> timedelta | None:
+        now = _now_us()
+        params = {
+            "functions": None if functions is None else json.dumps(list(functions)),
+            "after": None if since is None else now - since // timedelta(microseconds=1),
+        }
+        value = self.conn.execute(Q["next_due"], params).fetchone()[0]
         if value is None:
             return None
-        return timedelta(microseconds=max(0, value - _now_us()))
+        return timedelta(microseconds=max(0, value - now))
+
+    def cancel_over_limit(self, functions: Mapping[str, FunctionLimits]) -> None:
+        names = [n for n, f in functions.items() if f.cancel_when_limited and f.concurrency]
+        if not names:
+            return
+        conn = self.conn
+        now = _now_us()
+        due = conn.execute(Q["due_of_functions"], (now, json.dumps(names))).fetchone()
+        if due is None:  # a cheap read first: most looks end here, without the write lock
+            return
+        with self._write(conn):
+            now = _now_us()
+            for name in names:
+                self._claimable_limited(conn, name, functions[name], now, now, 0)
 
     def prune_finished(self, older_than: timedelta) -> int:
         cutoff = _now_us() - older_than // timedelta(microseconds=1)

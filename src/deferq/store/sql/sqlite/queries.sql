@@ -46,7 +46,19 @@ UPDATE deferq_workers SET stopped_at = ? WHERE id = ?
 SELECT 1 FROM deferq_executions WHERE state = 'created' AND scheduled_for <= ? LIMIT 1
 
 -- name: next_due
-SELECT min(scheduled_for) FROM deferq_executions WHERE state = 'created'
+-- Of the functions named in a JSON array (every function when NULL), leaving out
+-- executions due at or before :after (none when NULL).
+SELECT min(scheduled_for) FROM deferq_executions
+WHERE state = 'created'
+    AND (:after IS NULL OR scheduled_for > :after)
+    AND (:functions IS NULL OR function_name IN (SELECT value FROM json_each(:functions)))
+
+-- name: due_of_functions
+-- Whether an execution of the functions named in a JSON array is due.
+SELECT 1 FROM deferq_executions
+WHERE state = 'created' AND scheduled_for <= ?
+    AND function_name IN (SELECT value FROM json_each(?))
+LIMIT 1
 
 -- name: running_count
 SELECT count(*) FROM deferq_executions
