@@ -9,11 +9,8 @@ without it, with CI=true they fail."""
 from __future__ import annotations
 
 import os
-import select
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -28,6 +25,7 @@ import pytest
 from deferq import App, Execution, ExecutionNotFound, assign_options
 from deferq.store.base import load_migrations
 from tests.conftest import PG_DSN, postgres_schema_url, require_postgres
+from tests.postgres.support import Relay
 from tests.support import ROOT, WorkerProcess, wait_until
 from tests.tasks import basic, pg_clock_ahead, pg_clock_behind, pg_tasks
 
@@ -417,16 +415,8 @@ def test_workers_with_skewed_clocks_start_nothing_early_and_lose_no_one(
             assert process.stop() == 0, f"worker {name} did not stop cleanly"
 
 
-AHEAD_DISCARDS = pytest.mark.xfail(
-    strict=True,
-    reason="the worker compares discard_after with its own clock before handing a claimed "
-    "attempt to a slot: ten minutes ahead, it returns the attempt unbegun, claims it again "
-    "at once, and loops (hundreds of attempts a second) until the database's clock gets there",
-)
-
-
 @pytest.mark.usefixtures("faketime")
-@pytest.mark.parametrize("offset", [pytest.param("+10m", marks=AHEAD_DISCARDS), "-10m"])
+@pytest.mark.parametrize("offset", ["+10m", "-10m"])
 def test_a_skewed_worker_runs_work_within_its_discard_after(
     pg_app: App, pg_url: str, db: Any, tmp_path: Path, offset: str
 ) -> None:
@@ -514,21 +504,11 @@ IDLE_CPU = 0.3
 """Most CPU seconds a waiting worker may use over IDLE_WINDOW seconds. A worker waiting for
 news uses next to none; one retrying a claim in a loop uses a good part of a core."""
 
-SPINS = pytest.mark.xfail(
-    strict=True,
-    reason="after a claim that came back short, the worker waits until the next due time the "
-    "store reports, over every function: work due now that it cannot take makes that zero, so "
-    "it claims again at once, in a loop, until that work is taken",
-)
-
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 @pytest.mark.parametrize(
     "blocked",
-    [
-        pytest.param("function it does not import", marks=SPINS),
-        pytest.param("concurrency limit reached", marks=SPINS),
-    ],
+    ["function it does not import", "concurrency limit reached"],
 )
 def test_a_worker_waits_quietly_beside_due_work_it_cannot_take(
     pg_app: App, pg_url: str, db: Any, tmp_path: Path, blocked: str
@@ -626,86 +606,12 @@ def test_workers_whose_connections_are_terminated_reconnect_and_lose_nothing(
     assert one(db, "SELECT count(*) FROM deferq_workers WHERE lost_at IS NOT NULL") == 0
 
 
-class CuttingProxy:
-    """A TCP relay to the PostgreSQL server that can lose one answer, as a network does: once
-    armed, the server's reply that holds `marker` (or the `later`-th reply after it on the same
-    connection) is dropped and that connection closed, after the server has sent it."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.marker: bytes | None = None
-        self.later = 0
-        self.cut = threading.Event()
-        self.stopping = threading.Event()
-        self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
-
-    def arm(self, marker: bytes, later: int = 0) -> None:
-        with self._lock:
-            self.marker, self.later = marker, later
-
-    def _take_marker(self, data: bytes) -> int | None:
-        with self._lock:
-            if self.marker is None or self.marker not in data:
-                return None
-            self.marker = None
-            return self.later
-
-    def _accept(self) -> None:
-        with self.listener:
-            while not self.stopping.is_set():
-                if not select.select([self.listener], [], [], 0.1)[0]:
-                    continue
-                client, _ = self.listener.accept()
-                thread = threading.Thread(target=self._relay, args=(client,), daemon=True)
-                self.threads.append(thread)
-                thread.start()
-
-    def _relay(self, client: socket.socket) -> None:
-        with client, socket.create_connection(self.upstream) as server:
-            replies_left: int | None = None
-            tail = b""
-            while not self.stopping.is_set():
-                for sock in select.select([client, server], [], [], 0.1)[0]:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    if sock is client:
-                        server.sendall(data)
-                        continue
-                    if replies_left is None:
-                        replies_left = self._take_marker(tail + data)
-                    if replies_left == 0:
-                        self.cut.set()
-                        return  # the reply is lost with its connection
-                    if replies_left is not None:
-                        replies_left -= 1
-                    tail = data[-64:]
-                    client.sendall(data)
-
-    def close(self) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(5)
-
-
-ORPHANED = pytest.mark.xfail(
-    strict=True,
-    reason="a claim that committed but whose answer never reached the worker leaves its "
-    "executions started, held by a worker that is alive and heartbeating: nothing runs them, "
-    "and nothing returns them until that worker stops",
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("module", "replies_after"),
     [
-        pytest.param("tests.tasks.basic", 0, id="claim-in-one-statement", marks=ORPHANED),
-        pytest.param(MODULE, 1, id="claim-of-a-limited-function-commit", marks=ORPHANED),
+        pytest.param("tests.tasks.basic", 0, id="claim-in-one-statement"),
+        pytest.param(MODULE, 1, id="claim-of-a-limited-function-commit"),
     ],
 )
 def test_a_claim_whose_answer_is_lost_does_not_leave_its_execution_started(
@@ -718,14 +624,14 @@ def test_a_claim_whose_answer_is_lost_does_not_leave_its_execution_started(
     upstream = f"{params.get('host')}:{params.get('port', 5432)}"
     if f"@{upstream}/" not in pg_url:
         pytest.skip(f"the test's URL does not name {upstream} plainly")
-    proxy = CuttingProxy(str(params["host"]), int(params.get("port", 5432)))
+    proxy = Relay(str(params["host"]), int(params.get("port", 5432)))
     try:
         relayed = pg_url.replace(f"@{upstream}/", f"@127.0.0.1:{proxy.port}/", 1)
         with worker(relayed, tmp_path, "w", modules=[module]) as process:
             wait_registered(db, 1)
             fn = basic.echo if module == "tests.tasks.basic" else pg_tasks.echo
             execution = pg_app.enqueue(assign_options(fn, delay="1s"), ("lost",), {})
-            proxy.arm(execution.id.encode(), replies_after)
+            proxy.arm_cut(execution.id.encode(), replies_after)
             wait_until(proxy.cut.is_set, what="the answer to the claim to be lost")
 
             done = final(pg_app, execution.id, timeout=10)
@@ -734,6 +640,79 @@ def test_a_claim_whose_answer_is_lost_does_not_leave_its_execution_started(
             assert process.process is not None and process.process.poll() is None
     finally:
         proxy.close()
+
+
+def relayed(relay: Relay, url: str) -> str:
+    """`url` pointed at `relay`; skips the test if `url` does not name the server plainly."""
+    params = conninfo_to_dict(PG_DSN)
+    host, port = str(params.get("host")), int(params.get("port", 5432))
+    if f"@{host}:{port}/" not in url:
+        pytest.skip(f"the test's URL does not name {host}:{port} plainly")
+    return relay.url(url, host, port)
+
+
+@pytest.mark.slow
+def test_a_worker_gone_silent_holding_a_function_lock_blocks_no_other_worker(
+    pg_app: App, pg_url: str, db: Any, tmp_path: Path
+) -> None:
+    """Worker A's network goes silent (no reset) while its server process holds the
+    advisory lock of a concurrency-limited function, in the middle of a claim. The server
+    ends that idle transaction (`idle_in_transaction_session_timeout`), so worker B claims
+    the function; A, silent, is declared lost, and stops once it hears of it."""
+    params = conninfo_to_dict(PG_DSN)
+    relay = Relay(str(params.get("host")), int(params.get("port", 5432)))
+    silent = unique_name("deferq_silent")
+    function = "tests.tasks.pg_tasks.limited"
+    lock = (
+        "SELECT pg_advisory_xact_lock("
+        "hashtextextended('deferq:' || current_schema() || ':' || %s, 0))"
+    )
+
+    def a_holds_the_lock(granted: bool, state: str) -> bool:
+        return bool(
+            one(
+                db,
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                " WHERE l.locktype = 'advisory' AND l.granted = %s AND a.state = %s"
+                " AND a.application_name = %s",
+                (granted, state, silent),
+            )
+        )
+
+    try:
+        url_a = named(relayed(relay, pg_url), silent)
+        with worker(url_a, tmp_path, "a", "--slots", "1", "--prefetch", "0") as a:
+            wait_registered(db, 1)
+            # A's claim waits for the function's lock, held here in a transaction.
+            with psycopg.connect(conninfo_from_url(pg_url)) as holder:
+                holder.execute(lock, (function,))
+                execution = pg_app.enqueue(pg_tasks.limited, (0.0,), {})
+                wait_until(lambda: a_holds_the_lock(False, "active"), what="A to wait for the lock")
+                relay.black_hole()
+            # A's server process takes the lock, answers into the silence, and waits.
+            wait_until(
+                lambda: a_holds_the_lock(True, "idle in transaction"),
+                what="A's server process to hold the lock, waiting for A",
+            )
+
+            b_args = ("--heartbeat-interval", "500ms", "--lost-after", "3s")
+            with worker(pg_url, tmp_path, "b", *b_args) as b:
+                done = final(pg_app, execution.id, timeout=30)
+                assert done.state == "succeeded"
+                (attempt,) = pg_app.list_attempts(execution.id)
+                b_id = one(db, "SELECT id FROM deferq_workers WHERE name = 'b'")
+                assert attempt.worker == b_id
+                wait_until(
+                    lambda: one(db, "SELECT lost_at FROM deferq_workers WHERE name = 'a'"),
+                    what="A to be declared lost",
+                )
+
+                relay.reset()  # the network comes back: A's connections are reset
+                a.wait(30)  # A hears it was declared lost, and stops
+                assert b.process is not None and b.process.poll() is None
+    finally:
+        relay.close()
+    assert by_state(db) == [("succeeded", 1, 1)]
 
 
 # Many workers

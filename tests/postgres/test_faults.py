@@ -5,20 +5,27 @@ replaced before use."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from deferq.models import AttemptOutcome
 from deferq.store.base import AttemptReport, FunctionLimits, StoreUnavailable
-from tests.postgres.support import backend_pids, new
+from tests.conftest import PG_DSN
+from tests.postgres.support import Relay, backend_pids, new
 from tests.support import wait_until
 
 psycopg = pytest.importorskip("psycopg")
 
+from psycopg.conninfo import conninfo_to_dict  # noqa: E402
+
 from deferq.store.postgres import PostgresStore  # noqa: E402
 
 pytestmark = pytest.mark.postgres
+
+FREE = {"tests.job": FunctionLimits()}
 
 
 def terminate(admin: Any, pids: list[int]) -> None:
@@ -117,3 +124,91 @@ def test_an_unreachable_server_raises_store_unavailable() -> None:
         unreachable.now()
     with pytest.raises(StoreUnavailable):
         unreachable.enqueue([new()])
+
+
+@pytest.fixture
+def relay() -> Iterator[Relay]:
+    params = conninfo_to_dict(PG_DSN)
+    proxy = Relay(str(params.get("host")), int(params.get("port", 5432)))
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def relayed_store(pg_url: str, relay: Relay, store: PostgresStore) -> Iterator[PostgresStore]:
+    """A store (of a worker) whose connections go through the relay, migrated."""
+    params = conninfo_to_dict(PG_DSN)
+    host, port = params.get("host"), params.get("port", 5432)
+    if f"@{host}:{port}/" not in pg_url:
+        pytest.skip(f"the test's URL does not name {host}:{port} plainly")
+    opened = PostgresStore(relay.url(pg_url, str(host), int(port)))
+    opened.migrate()
+    yield opened
+    opened.close()
+
+
+def test_a_claim_whose_answer_and_read_back_are_lost_is_returned_by_the_next_claim(
+    store: PostgresStore, relayed_store: PostgresStore, relay: Relay
+) -> None:
+    """The claim commits, its answer is lost, and the server cannot be reached to read it
+    back: the call fails, and the worker's next claim returns what that claim took."""
+    first, second = store.enqueue([new(), new()])
+    (claimed,) = relayed_store.claim_due_executions("w", FREE, 1)
+    report = AttemptReport(first.id, claimed.number, AttemptOutcome.SUCCEEDED, result="1")
+
+    relay.arm_cut(second.id.encode())
+    relay.refuse(True)
+    with pytest.raises(StoreUnavailable):
+        relayed_store.record_and_claim([report], "w", FREE, 5)
+    assert relay.cut.is_set()
+    taken = store.get_execution(second.id)
+    assert taken is not None and taken.state == "started"  # committed, reports included
+    assert store.get_execution(first.id).state == "succeeded"  # type: ignore[union-attr]
+
+    relay.refuse(False)
+    # The worker kept its report (the call failed) and sends it again: it changes nothing.
+    again = relayed_store.record_and_claim([report], "w", FREE, 5)
+    assert [(c.execution_id, c.number) for c in again] == [(second.id, 1)]
+    assert relayed_store.claim_due_executions("w", FREE, 5) == []
+    assert [a.outcome for a in store.list_attempts(first.id)] == ["succeeded"]
+    assert [a.outcome for a in store.list_attempts(second.id)] == ["running"]
+
+
+def test_a_claim_lost_before_it_committed_claims_nothing_and_fails(
+    store: PostgresStore, relayed_store: PostgresStore, relay: Relay
+) -> None:
+    """Read back, a claim that did not commit took nothing: the call fails, and the
+    execution is claimed by the next call, once."""
+    execution = store.enqueue([new(function_name="tests.limited")])[0]
+    limited = {"tests.limited": FunctionLimits(concurrency=1)}
+    relay.arm_cut(execution.id.encode())  # the CLAIM's answer: COMMIT is never sent
+    with pytest.raises(StoreUnavailable):
+        relayed_store.record_and_claim([], "w", limited, 1)
+    assert store.get_execution(execution.id).state == "created"  # type: ignore[union-attr]
+    (claimed,) = relayed_store.record_and_claim([], "w", limited, 1)
+    assert (claimed.execution_id, claimed.number) == (execution.id, 1)
+
+
+def test_a_report_stored_twice_is_applied_once(store: PostgresStore) -> None:
+    """After a lost COMMIT answer the worker sends the same reports again."""
+    execution = store.enqueue([new()])[0]
+    (claimed,) = store.claim_due_executions("w", FREE, 1)
+    failed = AttemptReport(
+        execution.id,
+        claimed.number,
+        AttemptOutcome.FAILED,
+        error_code="raised",
+        error_message="boom",
+        retry_in=timedelta(0),
+    )
+    store.record_attempt_reports([failed])
+    store.record_attempt_reports([failed])
+    again = store.get_execution(execution.id)
+    assert again is not None and (again.state, again.attempts) == ("created", 1)
+
+    (retried,) = store.claim_due_executions("w", FREE, 1)
+    assert retried.number == 2 and retried.failed_attempts == 1
+    store.record_and_claim([failed], "w", FREE, 1)  # the first attempt's report, once more
+    now = store.get_execution(execution.id)
+    assert now is not None and (now.state, now.attempts) == ("started", 2)
+    assert [a.outcome for a in store.list_attempts(execution.id)] == ["failed", "running"]

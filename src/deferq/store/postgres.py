@@ -17,6 +17,9 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
+import re
+import secrets
 import select
 import struct
 import threading
@@ -68,6 +71,31 @@ LISTEN_RETRY_SECONDS = 1.0
 """How often a worker whose LISTEN connection broke tries to listen again."""
 FALLBACK_POLL_SECONDS = 0.25
 """How often a worker without a LISTEN connection looks for new work."""
+CLAIM_READ_BACK_SECONDS = 5.0
+"""How long reading back a claim whose answer was lost waits for the server process that ran
+it to be gone; past it, the claim stays in doubt and the next claim of the worker asks again."""
+
+KEEPALIVES = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
+"""libpq parameters of every connection the store opens, unless the URL sets them: a server
+that vanished without a reset is noticed after about 25 s of silence while waiting for an
+answer, and after 30 s of unacknowledged sending."""
+SESSION_SETTINGS = {
+    "statement_timeout": "30s",
+    "idle_in_transaction_session_timeout": "10s",
+}
+"""Server settings of every session the store opens, unless the URL's `options` set them. The
+store's own statements are short; the few that are not (bulk enqueue, migrations, the discard
+and prune sweeps) lift the statement timeout for their own transaction. A session left idle
+in a transaction by a worker that vanished is ended, and the advisory locks it held (a
+concurrency-limited function's) are freed for other workers. A LISTEN connection waits
+outside any statement and transaction, and neither setting touches it."""
+_OPTION_NAME = re.compile(r"(?:^|\s)(?:-c\s*|--)([A-Za-z_.]+)=")
 
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _INT8 = struct.Struct(">q")
@@ -88,17 +116,23 @@ _STATES = {
 
 def conninfo_from_url(url: str) -> str:
     """The libpq connection string of a store URL (`postgresql://` or `postgres://`), with
-    the session settings the store relies on: UTF-8 text and UTC times."""
+    the session settings the store relies on (UTF-8 text, UTC times) and its defaults for
+    keepalives and timeouts, which the URL's own parameters and `options` override."""
     if url.startswith("postgres://"):
         url = "postgresql://" + url[len("postgres://") :]
     try:
         params = conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
         raise ConfigurationError(f"invalid PostgreSQL store URL: {exc}") from exc
-    options = params.get("options", "")
-    params["options"] = f"{options} -c TimeZone=UTC".strip()
+    # libpq would read PGOPTIONS, but only without `options`
+    options = str(params.get("options", os.environ.get("PGOPTIONS", "")))
+    chosen = {name.lower() for name in _OPTION_NAME.findall(options)}
+    defaults = [f"-c {k}={v}" for k, v in SESSION_SETTINGS.items() if k not in chosen]
+    params["options"] = " ".join([options, *defaults, "-c TimeZone=UTC"]).strip()
     params["client_encoding"] = "UTF8"
     params.setdefault("application_name", "deferq")
+    for name, value in KEEPALIVES.items():
+        params.setdefault(name, value)
     return make_conninfo("", **params)
 
 
@@ -146,7 +180,7 @@ class _Connection:
     """A pooled connection, the poll object that tells whether the server sent anything
     while it sat idle, and whether the hot-path statement is prepared on it."""
 
-    __slots__ = ("conn", "pgconn", "poller", "generation", "prepared")
+    __slots__ = ("conn", "pgconn", "poller", "generation", "prepared", "backend_start")
 
     def __init__(self, conn: psycopg.Connection[Any], generation: int) -> None:
         self.conn = conn
@@ -155,15 +189,33 @@ class _Connection:
         self.poller.register(self.pgconn.socket, select.POLLIN)
         self.generation = generation
         self.prepared = False
+        self.backend_start: datetime | None = None  # read before the first claim
 
     def usable(self) -> bool:
         """An idle connection has nothing to read unless the server closed it or is
         closing it (a restart, `pg_terminate_backend`): then it is of no more use."""
         return not self.poller.poll(0) and self.pgconn.status == pq.ConnStatus.OK
 
+    def lost(self) -> bool:
+        return self.pgconn.status != pq.ConnStatus.OK
+
     def close(self) -> None:
         with suppress(Exception):
             self.conn.close()
+
+
+class _DoubtfulClaim:
+    """A claim sent on a connection that broke before its answer arrived: it may or may not
+    have committed. The server process that ran it is named by pid and start time."""
+
+    __slots__ = ("worker_id", "token", "pid", "backend_start", "error")
+
+    def __init__(self, worker_id: str, token: str, item: _Connection, error: BaseException) -> None:
+        self.worker_id = worker_id
+        self.token = token
+        self.pid = item.pgconn.backend_pid
+        self.backend_start = item.backend_start
+        self.error = error
 
 
 class _Pool:
@@ -245,6 +297,7 @@ class PostgresStore(Store):
         self._lock = threading.Lock()
         self._migrated = False
         self._channel = "deferq"
+        self._doubtful_claims: list[_DoubtfulClaim] = []
 
     @property
     def channel(self) -> str:
@@ -320,7 +373,7 @@ class PostgresStore(Store):
         channel = self.channel
         with self._borrow() as item, item.conn.transaction():
             conn = item.conn
-            row = conn.execute(Q["now"]).fetchone()
+            row = conn.execute(Q["now_untimed"]).fetchone()  # as long as the batch needs
             assert row is not None
             now = row[0].astimezone(UTC)
             with conn.cursor() as cursor, cursor.copy(Q["copy_executions"]) as copy:
@@ -474,6 +527,8 @@ class PostgresStore(Store):
         if not rows:
             raise ExecutionNotFound(execution_id)
         execution = _row_to_execution(rows[0])
+        if rows[0]["changed"]:
+            return execution
         # A second cancel or abort of the same execution answers with it, changing nothing.
         allowed = {ExecutionState.CANCELLED}
         if force:
@@ -484,14 +539,13 @@ class PostgresStore(Store):
 
     def reschedule_execution(self, execution_id: str, when: When) -> Execution:
         at, us = _split(when)
-        rows = self._rows(Q["reschedule"], {"id": execution_id, "at": at, "us": us})
+        params = {"id": execution_id, "at": at, "us": us, "channel": self.channel}
+        rows = self._rows(Q["reschedule"], params)
         if not rows:
             raise ExecutionNotFound(execution_id)
         execution = _row_to_execution(rows[0])
-        if execution.state != ExecutionState.CREATED:
+        if not rows[0]["changed"]:
             raise ExecutionNotReschedulable(execution)
-        with self._borrow() as item:
-            item.conn.execute(Q["notify"], {"channel": self.channel})
         return execution
 
     # Workers' side
@@ -528,32 +582,89 @@ class PostgresStore(Store):
         horizon: timedelta = timedelta(0),
     ) -> list[ClaimedAttempt]:
         """Record finished attempts and claim new ones in one transaction; without
-        concurrency-limited functions, in one statement (one round trip, one commit)."""
+        concurrency-limited functions, in one statement (one round trip, one commit).
+
+        Each claim carries a token of its own, stored on the executions it takes. If the
+        connection breaks before the answer arrives, the claim is read back by that token:
+        what it took is returned as if the answer had come, and nothing stays `started`
+        unknown to its worker. Storing the reports again after a lost commit changes
+        nothing: a report for an attempt that is not running any more is ignored."""
         if limit <= 0 or not functions:
             limit = 0
         if not reports and not limit:
             return []
+        recovered: list[ClaimedAttempt] = []
+        if limit and self._doubtful_claims:
+            recovered = self._settle_doubtful_claims(worker_id)
+            limit = max(0, limit - len(recovered))
         params: dict[str, Any] = {"channel": self.channel}
         if reports:
             params.update(_record_params(reports))
         if not limit:
-            with self._borrow() as item:
-                item.conn.execute(RECORD, params)
-            return []
+            if reports:
+                with self._borrow() as item:
+                    item.conn.execute(RECORD, params)
+            return recovered
         params.update(_claim_params(worker_id, functions, limit, horizon))
-        limited = params["limited"]
+        doubt: _DoubtfulClaim | None = None
+        rows: list[Any] = []
+        with self._borrow() as item:
+            if item.backend_start is None:
+                row = item.conn.execute(Q["backend_start"]).fetchone()
+                item.backend_start = row[0] if row else None
+            try:
+                rows = _claim(item.conn, params, bool(reports))
+            except psycopg.OperationalError as exc:
+                if not item.lost():
+                    raise  # the server answered with an error: the transaction rolled back
+                doubt = _DoubtfulClaim(worker_id, params["token"], item, exc)
+        if doubt is not None:
+            self._doubtful_claims.append(doubt)
+            claimed = self._settle(doubt)
+            if not claimed:  # not committed (or it took nothing): fail as the claim did
+                raise _unavailable(doubt.error) from doubt.error
+            return recovered + claimed
+        return recovered + [_claimed(r) for r in rows]
+
+    def _settle_doubtful_claims(self, worker_id: str) -> list[ClaimedAttempt]:
+        """What the worker's earlier claims in doubt took (their reading back failed when
+        they were made); StoreUnavailable while one cannot be read back yet."""
+        found: list[ClaimedAttempt] = []
+        for doubt in [d for d in self._doubtful_claims if d.worker_id == worker_id]:
+            found += self._settle(doubt)
+        return found
+
+    def _settle(self, doubt: _DoubtfulClaim) -> list[ClaimedAttempt]:
+        claimed = self._read_back_claim(doubt)  # StoreUnavailable: it stays in doubt
+        self._doubtful_claims.remove(doubt)
+        logger.warning(
+            "Claim read back after its answer was lost",
+            extra={
+                "action": "read_back_claim",
+                "worker": doubt.worker_id,
+                "attempts": len(claimed),
+                "error": str(doubt.error),
+            },
+        )
+        return claimed
+
+    def _read_back_claim(self, doubt: _DoubtfulClaim) -> list[ClaimedAttempt]:
+        """End the server process that ran the claim if it still runs, then read back what
+        the claim took: an authoritative answer, since nothing can commit it any more."""
+        deadline = time.monotonic() + CLAIM_READ_BACK_SECONDS
         with self._borrow() as item:
             conn = item.conn
-            if not limited:
-                rows = conn.execute(RECORD_AND_CLAIM if reports else CLAIM, params).fetchall()
-            else:
-                # The running counts must be read after the locks are held, hence a second
-                # statement (each statement of a transaction sees what committed before it).
-                with conn.transaction():
-                    if reports:
-                        conn.execute(RECORD, params)
-                    conn.execute(Q["lock_functions"], {"names": limited})
-                    rows = conn.execute(CLAIM, params).fetchall()
+            ends = {"pid": doubt.pid, "since": doubt.backend_start}
+            while conn.execute(Q["end_backend"], ends).fetchone() is not None:
+                if time.monotonic() >= deadline:
+                    raise StoreUnavailable(
+                        f"PostgreSQL store unavailable: the server process {doubt.pid} that "
+                        "ran a claim whose answer was lost is still there"
+                    )
+                time.sleep(0.01)
+            rows = conn.execute(
+                Q["claimed_by_token"], {"worker": doubt.worker_id, "token": doubt.token}
+            ).fetchall()
         return [_claimed(r) for r in rows]
 
     def record_attempt_reports(self, reports: Sequence[AttemptReport]) -> None:
@@ -568,7 +679,9 @@ class PostgresStore(Store):
         return [r[0] for r in rows]
 
     def discard_expired(self) -> int:
-        with self._borrow() as item:
+        with self._borrow() as item, item.conn.transaction():
+            # A sweep after a long stop may change many rows: no statement timeout.
+            item.conn.execute(Q["untimed"])
             return item.conn.execute(Q["discard_expired"]).rowcount
 
     def declare_lost_workers(self, lost_after: timedelta) -> list[ClaimedAttempt]:
@@ -586,15 +699,34 @@ class PostgresStore(Store):
             )
         return [_claimed(r) for r in rows]
 
-    def next_due_in(self) -> timedelta | None:
+    def next_due_in(
+        self, functions: Sequence[str] | None = None, since: timedelta | None = None
+    ) -> timedelta | None:
+        params = {
+            "functions": None if functions is None else list(functions),
+            "since_us": None if since is None else _micros(since),
+        }
         with self._borrow() as item:
-            row = item.conn.execute(Q["next_due"]).fetchone()
+            row = item.conn.execute(Q["next_due"], params).fetchone()
         if row is None or row[0] is None:
             return None
         return timedelta(seconds=max(0.0, float(row[0])))
 
+    def cancel_over_limit(self, functions: Mapping[str, FunctionLimits]) -> None:
+        # The claim statement with no room to claim: it cancels what the limits leave no
+        # place for, by the same rule and under the same locks as a real claim.
+        limits = {n: f for n, f in functions.items() if f.cancel_when_limited and f.concurrency}
+        if not limits:
+            return
+        params: dict[str, Any] = {"channel": self.channel}
+        params.update(_claim_params("", limits, 0, timedelta(0)))
+        with self._borrow() as item, item.conn.transaction():
+            item.conn.execute(Q["lock_functions"], {"names": params["limited"]})
+            item.conn.execute(CLAIM, params)
+
     def prune_finished(self, older_than: timedelta) -> int:
-        with self._borrow() as item:
+        with self._borrow() as item, item.conn.transaction():
+            item.conn.execute(Q["untimed"])  # the first prune may delete many rows
             row = item.conn.execute(
                 Q["prune_finished"], {"older_than_us": _micros(older_than)}
             ).fetchone()
@@ -683,6 +815,7 @@ def _apply_migrations(
     """Apply the migrations not yet recorded in `deferq_migrations`, under an advisory
     lock: processes starting together apply each exactly once. Returns the schema."""
     with conn.transaction():
+        conn.execute(Q["untimed"])  # waiting for another process's migration included
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         conn.execute(
             "CREATE TABLE IF NOT EXISTS deferq_migrations ("
@@ -702,6 +835,20 @@ def _apply_migrations(
                 "INSERT INTO deferq_migrations (version, name) VALUES (%s, %s)", (number, name)
             )
     return schema
+
+
+def _claim(conn: psycopg.Connection[Any], params: dict[str, Any], reports: bool) -> list[Any]:
+    """Run a claim (after the reports, if any) and return its rows."""
+    limited = params["limited"]
+    if not limited:
+        return conn.execute(RECORD_AND_CLAIM if reports else CLAIM, params).fetchall()
+    # The running counts must be read after the locks are held, hence a second statement
+    # (each statement of a transaction sees what committed before it).
+    with conn.transaction():
+        if reports:
+            conn.execute(RECORD, params)
+        conn.execute(Q["lock_functions"], {"names": limited})
+        return conn.execute(CLAIM, params).fetchall()
 
 
 def _check(pgconn: pq.abc.PGconn, result: pq.abc.PGresult) -> None:
@@ -762,6 +909,7 @@ def _claim_params(
         "limited": limited,
         "concurrency": [functions[name].concurrency for name in limited],
         "cancel": [functions[name].cancel_when_limited for name in limited],
+        "token": secrets.token_hex(8),
     }
 
 

@@ -43,6 +43,14 @@ RETURNING created_at, pg_notify(%(channel)s, '')
 -- name: now
 SELECT now()
 
+-- name: untimed
+-- For the rest of the transaction, no statement timeout: for statements whose work grows
+-- with the data (bulk enqueue, sweeps, migrations), not with a claim's batch.
+SELECT set_config('statement_timeout', '0', true)
+
+-- name: now_untimed
+SELECT now(), set_config('statement_timeout', '0', true)
+
 -- name: copy_executions
 -- Bulk, on the store's own connections: COPY in a transaction whose now() the store reads
 -- first, to compute created_at, scheduled_for and discard_after exactly as INSERT would.
@@ -123,33 +131,43 @@ SELECT * FROM deferq_executions WHERE id = %(id)s
 SELECT * FROM deferq_attempts WHERE execution_id = %(id)s ORDER BY number
 
 -- name: cancel_execution
--- created → cancelled; with force, started → aborting; returns the row as it now is. One
--- UPDATE for both: if a worker claims the execution meanwhile, the row is re-checked after
--- the claim commits, and a forced cancel still aborts it.
-WITH changed AS (
-    UPDATE deferq_executions
-    SET state = CASE WHEN state = 'created' THEN 'cancelled' ELSE 'aborting' END,
-        finished_at = CASE WHEN state = 'created' THEN now() ELSE finished_at END,
-        error_message = CASE WHEN state = 'created' THEN 'cancelled on request'
-            ELSE error_message END
-    WHERE id = %(id)s AND (state = 'created' OR (%(force)s AND state = 'started'))
-    RETURNING *
+-- created → cancelled; with force, started → aborting. Returns the row as it now is, and
+-- whether this statement changed it. The row is locked first: under READ COMMITTED a
+-- claim that commits while this statement waits for the row is seen by the lock (FOR
+-- UPDATE returns the newest version), so the answer is about the state the execution
+-- really is in, never about the snapshot the statement started with.
+WITH target AS MATERIALIZED (
+    SELECT * FROM deferq_executions WHERE id = %(id)s FOR UPDATE
+), changed AS (
+    UPDATE deferq_executions e
+    SET state = CASE WHEN t.state = 'created' THEN 'cancelled' ELSE 'aborting' END,
+        finished_at = CASE WHEN t.state = 'created' THEN now() ELSE e.finished_at END,
+        error_message = CASE WHEN t.state = 'created' THEN 'cancelled on request'
+            ELSE e.error_message END
+    FROM target t
+    WHERE e.id = t.id AND (t.state = 'created' OR (%(force)s AND t.state = 'started'))
+    RETURNING e.*
 )
-SELECT * FROM changed
+SELECT true AS changed, * FROM changed
 UNION ALL
-SELECT * FROM deferq_executions WHERE id = %(id)s AND NOT EXISTS (SELECT 1 FROM changed)
+SELECT false, * FROM target WHERE NOT EXISTS (SELECT 1 FROM changed)
 
 -- name: reschedule
-WITH changed AS (
-    UPDATE deferq_executions
+-- A created execution gets a new scheduled_for, and idle workers a wake-up. Locked first,
+-- as in cancel_execution: the answer is about the newest version of the row.
+WITH target AS MATERIALIZED (
+    SELECT * FROM deferq_executions WHERE id = %(id)s FOR UPDATE
+), changed AS (
+    UPDATE deferq_executions e
     SET scheduled_for = coalesce(%(at)s::timestamptz,
         now() + %(us)s::bigint * interval '1 microsecond')
-    WHERE id = %(id)s AND state = 'created'
-    RETURNING *
+    FROM target t
+    WHERE e.id = t.id AND t.state = 'created'
+    RETURNING e.*
 )
-SELECT * FROM changed
+SELECT true AS changed, *, pg_notify(%(channel)s, '')::text AS woken FROM changed
 UNION ALL
-SELECT * FROM deferq_executions WHERE id = %(id)s AND NOT EXISTS (SELECT 1 FROM changed)
+SELECT false, *, NULL FROM target WHERE NOT EXISTS (SELECT 1 FROM changed)
 
 -- name: notify
 SELECT pg_notify(%(channel)s, '')
@@ -294,7 +312,7 @@ limits AS (
 ), started AS (
     UPDATE deferq_executions e
     SET state = 'started', started_at = statement_timestamp(), attempts = e.attempts + 1,
-        worker_id = %(worker)s
+        worker_id = %(worker)s, claim_token = %(token)s
     FROM chosen c
     WHERE e.id = c.id
     RETURNING e.id, e.function_name, e.arguments, e.attempts, e.failed_attempts,
@@ -308,6 +326,25 @@ limits AS (
 SELECT id, function_name, arguments, attempts, failed_attempts, retry_policy, max_duration,
     discard_after, started_at
 FROM started
+ORDER BY scheduled_for, id
+
+-- name: backend_start
+-- When the server process of this connection started: with its pid, it names the process
+-- for as long as it lives (a pid alone may be reused).
+SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()
+
+-- name: end_backend
+-- Ends the server process that ran a claim whose answer was lost, if it still runs: what it
+-- has not committed by the time it is gone, it never will. Returns a row while it is there.
+SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+WHERE pid = %(pid)s AND backend_start = %(since)s
+
+-- name: claimed_by_token
+-- What a claim took, if it committed: read back after its answer was lost.
+SELECT id, function_name, arguments, attempts, failed_attempts, retry_policy, max_duration,
+    discard_after, started_at
+FROM deferq_executions
+WHERE worker_id = %(worker)s AND claim_token = %(token)s AND state IN ('started', 'aborting')
 ORDER BY scheduled_for, id
 
 -- name: aborting_executions
@@ -336,8 +373,13 @@ WHERE e.state IN ('started', 'aborting')
     AND (w.lost_at IS NOT NULL OR w.stopped_at IS NOT NULL)
 
 -- name: next_due
+-- Of the functions given (every function when NULL), leaving out executions already due
+-- %(since_us)s ago (none when NULL).
 SELECT extract(epoch FROM min(scheduled_for) - now()) FROM deferq_executions
 WHERE state = 'created'
+    AND (%(functions)s::text[] IS NULL OR function_name = ANY(%(functions)s::text[]))
+    AND (%(since_us)s::bigint IS NULL
+        OR scheduled_for > now() - %(since_us)s::bigint * interval '1 microsecond')
 
 -- name: prune_finished
 WITH gone AS (
