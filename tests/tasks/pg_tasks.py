@@ -31,3 +31,10 @@ def echo(value: object) -> object:
 def limited(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+@defer
+def slow_note(directory: str, i: int, seconds: float) -> int:
+    """`note` after a pause: attempts are running when the store goes away."""
+    time.sleep(seconds)
+    return note.__wrapped__(directory, i)
