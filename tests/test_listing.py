@@ -378,3 +378,50 @@ def test_the_store_refuses_a_cursor_that_is_not_an_id(app: App) -> None:
     with pytest.raises(ValueError) as info:
         app.store.list_executions(ExecutionQuery(after="x\x00"))
     assert str(info.value) == "invalid cursor 'x\\x00': not an execution id"
+
+
+def test_combined_filters_page_by_page_agree_with_filtering_everything(app: App) -> None:
+    """Every shape of the listing query (driven by one metadata value, merged per state, or
+    plain) gives, page by page, what filtering all executions by hand gives."""
+    made: list[str] = []
+    for n in range(60):
+        metadata = {"tenant": f"t{n % 3}"}
+        if n % 2:
+            metadata["flow"] = ("in", "up", "reset")[(n // 4) % 3]
+        made.append(add_metadata(job if n % 4 else other_job, metadata)(n).id)
+    for n, execution_id in enumerate(made):
+        if n % 7 == 0:
+            deferq.cancel_execution(execution_id)
+    everything = {e.id: e for e in deferq.list_executions(first=1000).items}
+    assert len(everything) == 60
+
+    def by_hand(
+        states: list[str] | None = None,
+        functions: list[Any] | None = None,
+        metadata: dict[str, list[str]] | None = None,
+    ) -> list[str]:
+        names = None if functions is None else {f.name for f in functions}
+        return [
+            e.id
+            for e in sorted(everything.values(), key=lambda e: e.id, reverse=True)
+            if (states is None or e.state in states)
+            and (names is None or e.function_name in names)
+            and all(e.metadata.get(k) in v for k, v in (metadata or {}).items())
+        ]
+
+    cases: list[dict[str, Any]] = [
+        {"metadata": {"tenant": ["t1"]}},
+        {"metadata": {"tenant": ["t1"]}, "states": ["created"]},
+        {"metadata": {"tenant": ["t0"], "flow": ["in", "reset"]}},
+        {"metadata": {"flow": ["up"], "tenant": ["t0", "t2"]}, "functions": [job]},
+        {"metadata": {"tenant": ["t0", "t1"]}, "states": ["cancelled", "created"]},
+        {"states": ["cancelled", "created"]},
+        {"states": ["created", "cancelled", "created"], "functions": [other_job]},
+        {"states": ["cancelled", "succeeded"]},
+        {"functions": [job], "metadata": {"flow": ["reset"]}, "states": ["created"]},
+    ]
+    for filters in cases:
+        expected = by_hand(**filters)
+        assert expected, f"the case {filters} should match something"
+        for size in (1, 4, 1000):
+            assert [i for p in all_pages(size, **filters) for i in p] == expected, (filters, size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -163,3 +164,17 @@ def build_where(
         clauses.append(f"id < {placeholder}")
         params.append(query.after)
     return (" AND ".join(clauses) or "1 = 1"), params
+
+
+def split_by_state(query: ExecutionQuery) -> list[ExecutionQuery]:
+    """The query once per state asked for, when it asks for several.
+
+    An index on (state, id) holds each state's executions in id order, but not several
+    states' together: a store reads one page of each state in order and merges them, rather
+    than walking every execution newest first (or sorting every match) to find a page.
+    Empty when the query asks for fewer than two states.
+    """
+    states = list(dict.fromkeys(query.states or ()))
+    if len(states) < 2:
+        return []
+    return [dataclasses.replace(query, states=[state]) for state in states]

@@ -11,6 +11,7 @@ Each thread gets a connection of its own, closed when the thread ends.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -44,7 +45,7 @@ from deferq.store.base import (
     load_migrations,
     load_queries,
 )
-from deferq.store.listing import build_where, validate_query
+from deferq.store.listing import build_where, split_by_state, validate_query
 
 logger = logging.getLogger("deferq.store")
 
@@ -52,6 +53,9 @@ Q = load_queries("sqlite")
 BUSY_TIMEOUT_MS = 60_000
 """How long a write waits for another connection's write lock before `StoreUnavailable`;
 the URL parameter `busy_timeout` (`sqlite:///file.sqlite3?busy_timeout=5s`) changes it."""
+PRUNE_BATCH = 2_000
+"""Finished executions deleted per transaction by `prune_finished`: claims wait for one
+batch at a time (about 0.1 s), not for the whole sweep."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -405,14 +409,8 @@ class SQLiteStore(Store):
 
     def list_executions(self, query: ExecutionQuery) -> Page:
         validate_query(query)
-        where, params = build_where(
-            query,
-            "?",
-            to_us,
-            _metadata_clause,
-        )
-        sql = f"SELECT * FROM deferq_executions WHERE {where} ORDER BY id DESC LIMIT ?"
-        rows = self._read(sql, [*params, query.first + 1])
+        sql, params = _listing_sql(query)
+        rows = self._read(sql, params)
         items = [_row_to_execution(r) for r in rows[: query.first]]
         next_cursor = items[-1].id if len(rows) > query.first else None
         return Page(items=items, next_cursor=next_cursor)
@@ -640,10 +638,10 @@ class SQLiteStore(Store):
             "functions": None if functions is None else json.dumps(list(functions)),
             "after": None if since is None else now - since // timedelta(microseconds=1),
         }
-        value = self.conn.execute(Q["next_due"], params).fetchone()[0]
-        if value is None:
+        row = self.conn.execute(Q["next_due"], params).fetchone()
+        if row is None:
             return None
-        return timedelta(microseconds=max(0, value - now))
+        return timedelta(microseconds=max(0, row[0] - now))
 
     def cancel_over_limit(self, functions: Mapping[str, FunctionLimits]) -> None:
         names = [n for n, f in functions.items() if f.cancel_when_limited and f.concurrency]
@@ -661,15 +659,22 @@ class SQLiteStore(Store):
 
     def prune_finished(self, older_than: timedelta) -> int:
         cutoff = _now_us() - older_than // timedelta(microseconds=1)
-        with self._write() as conn:
-            ids = [r[0] for r in conn.execute(Q["prune_finished"], (cutoff,)).fetchall()]
-            conn.executemany(
-                "DELETE FROM deferq_attempts WHERE execution_id = ?", [(i,) for i in ids]
-            )
-            conn.executemany(
-                "DELETE FROM deferq_metadata WHERE execution_id = ?", [(i,) for i in ids]
-            )
-        return len(ids)
+        pruned = 0
+        while True:
+            with self._write() as conn:
+                ids = [
+                    r[0]
+                    for r in conn.execute(Q["prune_finished"], (cutoff, PRUNE_BATCH)).fetchall()
+                ]
+                conn.executemany(
+                    "DELETE FROM deferq_attempts WHERE execution_id = ?", [(i,) for i in ids]
+                )
+                conn.executemany(
+                    "DELETE FROM deferq_metadata WHERE execution_id = ?", [(i,) for i in ids]
+                )
+            pruned += len(ids)
+            if len(ids) < PRUNE_BATCH:
+                return pruned
 
     def watch(self) -> Watcher:
         return _DataVersionWatcher(self)
@@ -711,6 +716,61 @@ def _claimed(row: Sequence[Any]) -> ClaimedAttempt:
         max_duration=row[6],
         discard_after=from_us(row[7]),
         started_at=from_us(row[8]),  # type: ignore[arg-type]
+    )
+
+
+def _listing_sql(query: ExecutionQuery) -> tuple[str, list[Any]]:
+    """The `list_executions` query, shaped so that SQLite walks an index in id order and
+    stops after a page, however many executions are stored:
+
+    - a metadata filter on one value is driven from the metadata table's primary key
+      (key, value, execution_id), which holds that value's executions in id order;
+    - several states are read as one ordered arm per state, merged, since the (state, id)
+      index orders each state's executions but not several states' together;
+    - anything else walks the (state, id) or (function_name, id) index, or the table.
+    """
+    limit = query.first + 1
+    driver = next(
+        (
+            (key, values if isinstance(values, str) else next(iter(values)))
+            for key, values in (query.metadata or {}).items()
+            if isinstance(values, str) or len(values) == 1
+        ),
+        None,
+    )
+    if driver is not None:
+        key, value = driver
+        rest = dict(query.metadata or {})
+        del rest[key]
+        where, params = build_where(
+            dataclasses.replace(query, metadata=rest), "?", to_us, _metadata_clause
+        )
+        return (
+            "SELECT e.* FROM deferq_metadata m"
+            " CROSS JOIN deferq_executions e ON e.id = m.execution_id"
+            f" WHERE m.key = ? AND m.value = ? AND {where}"
+            " ORDER BY m.execution_id DESC LIMIT ?",
+            [key, str(value), *params, limit],
+        )
+    by_state = split_by_state(query)
+    if by_state:
+        arms: list[str] = []
+        params = []
+        for one_state in by_state:
+            where, arm_params = build_where(one_state, "?", to_us, _metadata_clause)
+            arms.append(
+                "SELECT * FROM (SELECT * FROM deferq_executions"
+                f" WHERE {where} ORDER BY id DESC LIMIT ?)"
+            )
+            params += [*arm_params, limit]
+        return (
+            f"SELECT * FROM ({' UNION ALL '.join(arms)}) ORDER BY id DESC LIMIT ?",
+            [*params, limit],
+        )
+    where, params = build_where(query, "?", to_us, _metadata_clause)
+    return (
+        f"SELECT * FROM deferq_executions WHERE {where} ORDER BY id DESC LIMIT ?",
+        [*params, limit],
     )
 
 
