@@ -4,6 +4,7 @@ alone."""
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 from urllib.parse import quote
@@ -17,6 +18,7 @@ psycopg = pytest.importorskip("psycopg")
 
 from psycopg.conninfo import conninfo_to_dict  # noqa: E402
 
+from deferq.store.base import StoreUnavailable  # noqa: E402
 from deferq.store.postgres import (  # noqa: E402
     KEEPALIVES,
     PostgresStore,
@@ -102,3 +104,21 @@ def test_listening_outlives_the_timeouts_and_bulk_enqueue_is_not_cut(pg_url: str
             item.conn.execute("SELECT pg_sleep(1)")  # any other statement is cut
     finally:
         store.close()
+
+
+def test_a_server_that_accepts_but_never_answers_is_given_up_after_the_connect_timeout() -> None:
+    """A listening socket that never speaks stands for a stuck server: opening the store
+    fails with StoreUnavailable after the default connect timeout, not psycopg's 130 s."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store = PostgresStore(f"postgresql://postgres@127.0.0.1:{port}/test")
+            try:
+                store.now()
+            finally:
+                store.close()
+        waited = time.monotonic() - started
+    assert int(KEEPALIVES["connect_timeout"]) <= waited < 2 * int(KEEPALIVES["connect_timeout"])

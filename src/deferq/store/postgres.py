@@ -81,10 +81,12 @@ KEEPALIVES = {
     "keepalives_interval": "5",
     "keepalives_count": "3",
     "tcp_user_timeout": "30000",
+    "connect_timeout": "10",
 }
 """libpq parameters of every connection the store opens, unless the URL sets them: a server
 that vanished without a reset is noticed after about 25 s of silence while waiting for an
-answer, and after 30 s of unacknowledged sending."""
+answer, and after 30 s of unacknowledged sending; a connection not open after 10 s (a server
+that accepts but never answers, a lost SYN) is given up, where psycopg would wait 130 s."""
 SESSION_SETTINGS = {
     "statement_timeout": "30s",
     "idle_in_transaction_session_timeout": "10s",
