@@ -312,9 +312,9 @@ def test_ctrl_c_right_after_start_is_a_clean_stop(tmp_path: Path) -> None:
     slow_start = tmp_path / "slow-start"
     slow_start.mkdir()
     (slow_start / "sitecustomize.py").write_text(
-        "import sys, time\n"
-        "if 'deferq.cli' in sys.orig_argv:\n"
-        "    time.sleep(3)\n"
+        "\n".join(
+            ["import sys, time", "if 'deferq.cli' in sys.orig_argv:", "    time.sleep(3)", ""]
+        )
     )
     pythonpath = os.pathsep.join(filter(None, [str(slow_start), os.environ.get("PYTHONPATH")]))
     demo = start_demo(tmp_path, PYTHONPATH=pythonpath)

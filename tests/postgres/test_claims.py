@@ -18,6 +18,7 @@ from tests.postgres.support import new
 
 psycopg = pytest.importorskip("psycopg")
 
+from deferq.store import postgres  # noqa: E402
 from deferq.store.postgres import PostgresStore  # noqa: E402
 
 pytestmark = pytest.mark.postgres
@@ -199,3 +200,19 @@ def test_a_cron_tick_is_stored_once_whatever_number_of_schedulers_race(
     (schedule_row,) = store.list_schedules()
     assert schedule_row.last_tick == tick
     assert schedule_row.next_tick == tick + timedelta(minutes=1)
+
+
+def test_a_claim_right_after_a_bulk_enqueue_walks_the_due_index(store: PostgresStore) -> None:
+    """Before the table is analyzed the planner believes few executions are due; a claim
+    must still read them in due order from the index and stop after its limit, not gather
+    every due one and sort them (8 ms a claim with 20,000 due, seconds with a million)."""
+    store.enqueue([new() for _ in range(5000)])
+    params: dict[str, Any] = {"channel": store.channel}
+    params.update(postgres._claim_params("w", FREE, 1, timedelta(0)))
+    with store._borrow(for_claims=True) as item, item.conn.transaction(force_rollback=True):
+        plan = "\n".join(r[0] for r in item.conn.execute("EXPLAIN " + postgres.CLAIM, params))
+    assert "Index Scan using deferq_executions_due on" in plan, plan
+    assert "Bitmap" not in plan, plan
+    # Other statements keep bitmap scans: metadata filters need them.
+    with store._borrow() as item:
+        assert item.conn.execute("SHOW enable_bitmapscan").fetchone() == ("on",)
