@@ -425,3 +425,30 @@ def test_combined_filters_page_by_page_agree_with_filtering_everything(app: App)
         assert expected, f"the case {filters} should match something"
         for size in (1, 4, 1000):
             assert [i for p in all_pages(size, **filters) for i in p] == expected, (filters, size)
+
+
+def test_several_states_with_many_filter_values_answer(app: App) -> None:
+    """Split per state, a query repeats its other values once per state: past a bound it
+    is not split, so thousands of values still fit one statement's parameters."""
+    made = add_metadata(job, {"user": "7"})(1).id
+    users = [str(n) for n in range(9000)]
+    all_states = [state.value for state in ExecutionState]
+    assert listed(metadata={"user": users}, states=all_states) == [made]
+    names = [f"app.f{n}" for n in range(9000)] + [job.name]
+    assert listed(functions=names, states=all_states) == [made]
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"functions": ["a\x00b"]},
+        {"metadata": {"k\x00": ["v"]}},
+        {"metadata": {"k": ["v\x00"]}},
+        {"metadata": {"k": "v\x00"}},
+    ],
+)
+def test_a_nul_in_a_filter_is_refused_with_the_filter_named(
+    app: App, filters: dict[str, Any]
+) -> None:
+    with pytest.raises(ValueError, match="NUL"):
+        deferq.list_executions(**filters)

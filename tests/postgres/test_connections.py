@@ -122,3 +122,13 @@ def test_a_server_that_accepts_but_never_answers_is_given_up_after_the_connect_t
                 store.close()
         waited = time.monotonic() - started
     assert int(KEEPALIVES["connect_timeout"]) <= waited < 2 * int(KEEPALIVES["connect_timeout"])
+
+
+def test_pgconnect_timeout_is_read_when_the_url_has_no_connect_timeout(monkeypatch: Any) -> None:
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "3")
+    assert "connect_timeout" not in conninfo_to_dict(conninfo_from_url("postgresql://a@db/app"))
+    url = "postgresql://a@db/app?connect_timeout=7"
+    assert conninfo_to_dict(conninfo_from_url(url))["connect_timeout"] == "7"
+    monkeypatch.delenv("PGCONNECT_TIMEOUT")
+    default = conninfo_to_dict(conninfo_from_url("postgresql://a@db/app"))["connect_timeout"]
+    assert default == KEEPALIVES["connect_timeout"]

@@ -59,6 +59,14 @@ def _check_texts(name: str, values: Any) -> None:
             raise TypeError(
                 f"{name} must be a list of str; {_quote(value)} is a {type(value).__name__}"
             )
+        _check_no_nul(name, value)
+
+
+def _check_no_nul(name: str, value: str) -> None:
+    # Nothing stored holds NUL (arguments, names and metadata refuse it), and PostgreSQL
+    # cannot even compare with it.
+    if "\x00" in value:
+        raise ValueError(f"{name} value {_quote(value)} contains NUL, which nothing stored holds")
 
 
 def _check_metadata_filter(metadata: Any) -> None:
@@ -72,7 +80,9 @@ def _check_metadata_filter(metadata: Any) -> None:
     for key, values in metadata.items():
         if type(key) is not str:
             raise TypeError(f"metadata filter key {_quote(key)} must be a str")
+        _check_no_nul("metadata filter key", key)
         if type(values) is str:
+            _check_no_nul(f"metadata filter of key {key!r}", values)
             continue
         if not isinstance(values, list | tuple | set | frozenset):
             raise TypeError(
@@ -85,6 +95,7 @@ def _check_metadata_filter(metadata: Any) -> None:
                     f"metadata filter of key {key!r} holds {_quote(value)}, "
                     f"a {type(value).__name__}; values are str"
                 )
+            _check_no_nul(f"metadata filter of key {key!r}", value)
 
 
 def _check_instant(label: str, instant: Any) -> None:
@@ -175,6 +186,20 @@ def split_by_state(query: ExecutionQuery) -> list[ExecutionQuery]:
     Empty when the query asks for fewer than two states.
     """
     states = list(dict.fromkeys(query.states or ()))
-    if len(states) < 2:
+    if len(states) < 2 or _filter_values(query) > MAX_SPLIT_VALUES:
         return []
     return [dataclasses.replace(query, states=[state]) for state in states]
+
+
+MAX_SPLIT_VALUES = 100
+"""Each per-state read repeats the other filters' values as parameters; past this many
+values the query is not split (PostgreSQL takes at most 65,535 parameters a statement)."""
+
+
+def _filter_values(query: ExecutionQuery) -> int:
+    metadata = query.metadata or {}
+    return (
+        len(query.functions or ())
+        + len(query.error_codes or ())
+        + sum(1 if isinstance(v, str) else len(v) for v in metadata.values())
+    )

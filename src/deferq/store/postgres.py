@@ -142,6 +142,8 @@ def conninfo_from_url(url: str) -> str:
     params["client_encoding"] = "UTF8"
     params.setdefault("application_name", "deferq")
     for name, value in KEEPALIVES.items():
+        if name == "connect_timeout" and os.environ.get("PGCONNECT_TIMEOUT"):
+            continue  # libpq reads it when the connection string has none
         params.setdefault(name, value)
     return make_conninfo("", **params)
 
