@@ -255,6 +255,29 @@ def test_a_worker_resumed_after_a_pause_past_lost_after_stops_its_attempts_first
     assert_first_run_stopped_before_the_second(app, execution, log, marker, paused=True)
 
 
+def test_the_attempt_of_a_paused_worker_stops_itself_before_it_is_taken_over(
+    app: App, store_url: str, workers: Any, log: str, tmp_path: Path
+) -> None:
+    """Only the worker's own process is paused (SIGSTOP; Ctrl-Z in a terminal does the same,
+    as the attempt's process leads a group of its own): the attempt sees the worker's last
+    contact with the store grow old and stops itself at half of --lost-after, before
+    another worker declares the paused one lost and retries the attempt."""
+    marker = str(tmp_path / "ticks")
+    paused = workers(store_url, "--slots", "1", "--prefetch", "0", *FAST_LOSS)
+    execution = contact.ticks_first_time(log, "cut-off", marker)
+    (run,) = wait_until(lambda: starts(log, "cut-off"), 20, what="the first run to begin")
+    workers(store_url, "--slots", "1", *FAST_LOSS)
+
+    with continued_at_exit(paused.pid):
+        paused.signal(signal.SIGSTOP)
+        wait_until(lambda: not process_alive(run["pid"]), 5, what="the attempt to stop itself")
+        wait_until(lambda: len(starts(log, "cut-off")) == 2, 20, what="the retry to begin")
+        paused.signal(signal.SIGCONT)
+
+    assert wait_final(app, execution.id).state == "succeeded"
+    assert_first_run_stopped_before_the_second(app, execution, log, marker)
+
+
 # What an attempt leaves behind
 
 

@@ -157,6 +157,16 @@ def import_modules(modules: Sequence[str]) -> None:
         importlib.import_module(module)
 
 
+def contact_clock() -> float:
+    """Seconds on a clock that keeps counting while the process is paused (SIGSTOP) and,
+    on Linux, while the machine sleeps: the store's clock, which decides when a silent
+    worker is lost, keeps counting through both."""
+    return time.clock_gettime(_CONTACT_CLOCK)
+
+
+_CONTACT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
 def _die_with_parent(parent_pid: int) -> None:
     # Linux: the kernel kills this process when the worker dies, even by SIGKILL. Elsewhere,
     # and as a second guard, a thread watches the parent's pid.
@@ -176,8 +186,31 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="deferq-parent-watch", daemon=True).start()
 
 
-def child_main(modules: list[str], conn: Connection, parent_pid: int, log_level: int) -> None:
-    """Entry point of a slot's child process: run attempts sent by the worker, one at a time."""
+def _stop_when_out_of_contact(contact: Any, fence_after: float, busy: threading.Event) -> None:
+    """While an attempt runs, stop this process and what it started once its worker has had
+    no heartbeat stored for `fence_after`: the worker's own fence does the same, but cannot
+    while the worker is paused (SIGSTOP, Ctrl-Z in a terminal, which does not reach this
+    process group) and the store may declare it lost and retry the attempt elsewhere."""
+
+    def watch() -> None:
+        while True:
+            if busy.is_set() and contact_clock() - contact.value > fence_after:
+                os.killpg(0, signal.SIGKILL)
+            time.sleep(min(0.25, fence_after / 4))
+
+    threading.Thread(target=watch, name="deferq-contact-watch", daemon=True).start()
+
+
+def child_main(
+    modules: list[str],
+    conn: Connection,
+    parent_pid: int,
+    log_level: int,
+    contact: Any = None,
+    fence_after: float = 0.0,
+) -> None:
+    """Entry point of a slot's child process: run attempts sent by the worker, one at a time.
+    `contact` (shared with the worker) holds when the worker last heard from the store."""
     # Ctrl-C, and SIGTERM from service managers that signal every process of a service
     # (systemd's default), reach the whole process group: the worker decides when its
     # children stop, and stops them with SIGKILL.
@@ -187,6 +220,9 @@ def child_main(modules: list[str], conn: Connection, parent_pid: int, log_level:
     # group, so the subprocesses the function started die with it.
     os.setpgid(0, 0)
     _die_with_parent(parent_pid)
+    busy = threading.Event()
+    if contact is not None and fence_after > 0:
+        _stop_when_out_of_contact(contact, fence_after, busy)
     logging.basicConfig(level=log_level)
     try:
         import_modules(modules)
@@ -202,7 +238,9 @@ def child_main(modules: list[str], conn: Connection, parent_pid: int, log_level:
         except (EOFError, OSError):
             return
         function_name, arguments = json.loads(message)
+        busy.set()
         raw = run_function(function_name, arguments, loop)
+        busy.clear()
         if asyncio.all_tasks(loop):
             # Tasks that ignored their cancellation would run again with the next async
             # attempt: they are left behind on a closed loop instead.

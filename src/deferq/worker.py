@@ -31,20 +31,18 @@ from typing import Any
 from deferq.app import App, default_app, redact
 from deferq.functions import BackgroundFunction, registry
 from deferq.models import AttemptOutcome, ErrorCode
-from deferq.runner import child_main, failure, import_modules, interrupted, report, unbegun
+from deferq.runner import (
+    child_main,
+    contact_clock,
+    failure,
+    import_modules,
+    interrupted,
+    report,
+    unbegun,
+)
 from deferq.store.base import AttemptReport, ClaimedAttempt, FunctionLimits, StoreUnavailable
 
 logger = logging.getLogger("deferq.worker")
-
-
-def contact_clock() -> float:
-    """Seconds on a clock that keeps counting while the process is paused (SIGSTOP) and,
-    on Linux, while the machine sleeps: the store's clock, which decides when a silent
-    worker is lost, keeps counting through both."""
-    return time.clock_gettime(_CONTACT_CLOCK)
-
-
-_CONTACT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 
 _spawn = multiprocessing.get_context("spawn")
@@ -98,9 +96,13 @@ class WorkerSettings:
 class Slot:
     """One child process and the attempt it is running, if any."""
 
-    def __init__(self, index: int, modules: list[str]) -> None:
+    def __init__(
+        self, index: int, modules: list[str], contact: Any = None, fence_after: float = 0.0
+    ) -> None:
         self.index = index
         self.modules = modules
+        self.contact = contact
+        self.fence_after = fence_after
         self.process: Any = None
         self.conn: Any = None
         self.ready = False
@@ -112,7 +114,14 @@ class Slot:
         parent_conn, child_conn = _spawn.Pipe()
         self.process = _spawn.Process(
             target=child_main,
-            args=(self.modules, child_conn, os.getpid(), logging.getLogger().level),
+            args=(
+                self.modules,
+                child_conn,
+                os.getpid(),
+                logging.getLogger().level,
+                self.contact,
+                self.fence_after,
+            ),
             name=f"deferq-slot-{self.index}",
             daemon=True,
         )
@@ -192,7 +201,15 @@ class Worker:
         }
         self.cron_functions = [f for f in chosen if f.cron is not None]
         self.id = str(uuid.uuid4())
-        self.slots = [Slot(i, self.modules) for i in range(self.settings.slots)]
+        self.fence_after = self.settings.lost_after.total_seconds() / 2
+        self._contact = _spawn.Value("d", contact_clock(), lock=False)
+        """When the last heartbeat the store accepted was sent (`contact_clock`), in memory
+        shared with the slots' children: a child whose worker is paused (SIGSTOP, Ctrl-Z)
+        sees it grow old and stops its own attempt, as the worker would."""
+        self.slots = [
+            Slot(i, self.modules, self._contact, self.fence_after)
+            for i in range(self.settings.slots)
+        ]
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self.fatal: str | None = None
@@ -211,14 +228,19 @@ class Worker:
         time in the store, it gives the store's clock, by which discard_after is judged."""
         self.maybe_due = True
         """Work may be due that this worker can take: worth a claim."""
-        self.fence_after = self.settings.lost_after.total_seconds() / 2
         self.fenced = threading.Event()
         """Set while no heartbeat was stored for `fence_after`: running attempts are
         stopped and nothing is claimed or begun, lest it overlap the retry of an attempt
         taken over as lost."""
-        self._contact_at = contact_clock()
-        """When the last heartbeat the store accepted was sent (`contact_clock`)."""
         self._fence_lock = threading.Lock()
+
+    @property
+    def _contact_at(self) -> float:
+        return float(self._contact.value)
+
+    @_contact_at.setter
+    def _contact_at(self, at: float) -> None:
+        self._contact.value = at
 
     # Lifecycle
 
