@@ -192,6 +192,11 @@ def test_show(store_url: str, executions: dict[str, Any]) -> None:
     failed = json.loads(ok(store_url, "show", executions["failed"]))
     assert failed["state"] == "failed" and failed["attempts"] == 3
     assert failed["error_message"] == "RuntimeError: kaput"
+    assert "result" not in failed and "result" not in shown
+
+    done = json.loads(ok(store_url, "show", executions["done"]))
+    assert done["state"] == "succeeded"
+    assert done["result"] == deferq.get_result(executions["done"])
 
 
 def test_cancel(app: App, store_url: str, executions: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from deferq.app import App
 from deferq.durations import format_duration, parse_duration
 from deferq.errors import DeferqError
 from deferq.logs import configure_logging
-from deferq.models import Execution
+from deferq.models import Execution, ExecutionState
 from deferq.store.sqlite import path_from_url
 
 
@@ -227,8 +227,12 @@ def list_command(
 @click.pass_context
 def show(ctx: click.Context, execution_id: str) -> None:
     """Show one execution as JSON."""
-    execution = _run(lambda: _app(ctx).get_execution(execution_id))
-    click.echo(json.dumps(_execution_dict(execution), indent=2, ensure_ascii=False))
+    app = _app(ctx)
+    execution = _run(lambda: app.get_execution(execution_id))
+    shown = _execution_dict(execution)
+    if execution.state == ExecutionState.SUCCEEDED:
+        shown["result"] = _run(lambda: app.get_result(execution_id))
+    click.echo(json.dumps(shown, indent=2, ensure_ascii=False))
 
 
 @main.command()

@@ -126,3 +126,19 @@ def test_processes_migrating_at_once_apply_each_migration_once(pg_url: str, admi
 
     versions = schema_of(pg_url)["versions"]
     assert [v for v, _ in versions] == [n for n, _, _ in load_migrations("postgres")]
+
+
+def test_a_search_path_naming_no_existing_schema_is_a_clear_error(pg_url: str) -> None:
+    url = pg_url.replace("search_path%3D", "search_path%3Dmissing_", 1)
+    assert url != pg_url
+    result = subprocess.run(
+        [sys.executable, "-m", "deferq.cli", "--url", url, "migrate"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "no schema to create deferq's tables in" in result.stderr
+    assert "CREATE SCHEMA" in result.stderr

@@ -848,11 +848,19 @@ def _apply_migrations(
     with conn.transaction():
         conn.execute(Q["untimed"])  # waiting for another process's migration included
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS deferq_migrations ("
-            " version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
+        path = conn.execute("SHOW search_path").fetchone()
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS deferq_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+        except psycopg.errors.InvalidSchemaName as exc:
+            raise ConfigurationError(
+                "no schema to create deferq's tables in: the search_path "
+                f"{path[0] if path else '?'!r} names no schema that exists; create it first "
+                "(CREATE SCHEMA ...) or name another in the URL's options"
+            ) from exc
         row = conn.execute("SELECT max(version), current_schema() FROM deferq_migrations")
         current, schema = row.fetchone() or (None, None)
         for number, name, script in migrations:
