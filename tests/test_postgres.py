@@ -25,7 +25,7 @@ import pytest
 from deferq import App, Execution, ExecutionNotFound, assign_options
 from deferq.store.base import load_migrations
 from tests.conftest import PG_DSN, postgres_schema_url, require_postgres
-from tests.postgres.support import Relay
+from tests.postgres.support import Relay, schema_of
 from tests.support import ROOT, WorkerProcess, wait_until
 from tests.tasks import basic, pg_clock_ahead, pg_clock_behind, pg_tasks
 
@@ -156,30 +156,6 @@ def run_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
-
-
-def schema_of(conn: Any) -> dict[str, list[Any]]:
-    """Columns, indexes and constraints of the connection's schema, without the schema's
-    name, so that two schemas compare."""
-    schema = one(conn, "SELECT current_schema()")
-    columns = conn.execute(
-        "SELECT table_name, column_name, ordinal_position, data_type, is_nullable,"
-        " column_default, collation_name FROM information_schema.columns"
-        " WHERE table_schema = %s ORDER BY table_name, ordinal_position",
-        (schema,),
-    ).fetchall()
-    indexes = conn.execute(
-        "SELECT tablename, indexname, replace(indexdef, %s, '') FROM pg_indexes"
-        " WHERE schemaname = %s ORDER BY indexname",
-        (f"{schema}.", schema),
-    ).fetchall()
-    constraints = conn.execute(
-        "SELECT c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid)"
-        " FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace"
-        " WHERE n.nspname = %s ORDER BY c.conname",
-        (schema,),
-    ).fetchall()
-    return {"columns": columns, "indexes": indexes, "constraints": constraints}
 
 
 def applied(conn: Any) -> list[tuple[Any, ...]]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tests.conftest import PG_DSN, postgres_schema_url, require_postgres
+from tests.postgres.support import Relay
 
 if TYPE_CHECKING:
     from deferq.store.postgres import PostgresStore
@@ -54,3 +55,31 @@ def admin() -> Iterator[Any]:
 
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture
+def relay() -> Iterator[Relay]:
+    """A relay to the PostgreSQL server that fails as a network does, on command."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(PG_DSN)
+    proxy = Relay(str(params.get("host")), int(params.get("port", 5432)))
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def relayed_store(pg_url: str, relay: Relay, store: PostgresStore) -> Iterator[PostgresStore]:
+    """A store (of a worker) whose connections go through the relay, migrated."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from deferq.store.postgres import PostgresStore
+
+    params = conninfo_to_dict(PG_DSN)
+    host, port = params.get("host"), params.get("port", 5432)
+    if f"@{host}:{port}/" not in pg_url:
+        pytest.skip(f"the test's URL does not name {host}:{port} plainly")
+    opened = PostgresStore(relay.url(pg_url, str(host), int(port)))
+    opened.migrate()
+    yield opened
+    opened.close()

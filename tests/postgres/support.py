@@ -161,3 +161,34 @@ def _reset(sock: socket.socket) -> None:
     """Close with a reset (RST), as a peer that lost the connection's state answers."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+def schema_of(conn: Any) -> dict[str, list[Any]]:
+    """Columns, indexes, constraints and applied migrations of the connection's schema,
+    without the schema's name, so that two schemas compare."""
+    (schema,) = conn.execute("SELECT current_schema()").fetchone()
+    columns = conn.execute(
+        "SELECT table_name, column_name, ordinal_position, data_type, is_nullable,"
+        " column_default, collation_name FROM information_schema.columns"
+        " WHERE table_schema = %s ORDER BY table_name, ordinal_position",
+        (schema,),
+    ).fetchall()
+    indexes = conn.execute(
+        "SELECT tablename, indexname, replace(indexdef, %s, '') FROM pg_indexes"
+        " WHERE schemaname = %s ORDER BY indexname",
+        (f"{schema}.", schema),
+    ).fetchall()
+    constraints = conn.execute(
+        "SELECT c.conrelid::regclass::text, c.conname, c.contype,"
+        " pg_get_constraintdef(c.oid) FROM pg_constraint c"
+        " JOIN pg_namespace n ON n.oid = c.connamespace"
+        " WHERE n.nspname = %s ORDER BY c.conname",
+        (schema,),
+    ).fetchall()
+    versions = conn.execute("SELECT version, name FROM deferq_migrations ORDER BY version")
+    return {
+        "columns": columns,
+        "indexes": indexes,
+        "constraints": constraints,
+        "versions": versions.fetchall(),
+    }

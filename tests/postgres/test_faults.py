@@ -5,7 +5,6 @@ replaced before use."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -13,13 +12,11 @@ import pytest
 
 from deferq.models import AttemptOutcome
 from deferq.store.base import AttemptReport, FunctionLimits, StoreUnavailable
-from tests.conftest import PG_DSN
 from tests.postgres.support import Relay, backend_pids, new
 from tests.support import wait_until
 
 psycopg = pytest.importorskip("psycopg")
 
-from psycopg.conninfo import conninfo_to_dict  # noqa: E402
 
 from deferq.store.postgres import PostgresStore  # noqa: E402
 
@@ -124,27 +121,6 @@ def test_an_unreachable_server_raises_store_unavailable() -> None:
         unreachable.now()
     with pytest.raises(StoreUnavailable):
         unreachable.enqueue([new()])
-
-
-@pytest.fixture
-def relay() -> Iterator[Relay]:
-    params = conninfo_to_dict(PG_DSN)
-    proxy = Relay(str(params.get("host")), int(params.get("port", 5432)))
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
-def relayed_store(pg_url: str, relay: Relay, store: PostgresStore) -> Iterator[PostgresStore]:
-    """A store (of a worker) whose connections go through the relay, migrated."""
-    params = conninfo_to_dict(PG_DSN)
-    host, port = params.get("host"), params.get("port", 5432)
-    if f"@{host}:{port}/" not in pg_url:
-        pytest.skip(f"the test's URL does not name {host}:{port} plainly")
-    opened = PostgresStore(relay.url(pg_url, str(host), int(port)))
-    opened.migrate()
-    yield opened
-    opened.close()
 
 
 def test_a_claim_whose_answer_and_read_back_are_lost_is_returned_by_the_next_claim(

@@ -11,6 +11,7 @@ import pytest
 
 from deferq.store.base import load_migrations
 from tests.conftest import postgres_schema_url
+from tests.postgres import support
 from tests.support import ROOT, wait_until
 
 psycopg = pytest.importorskip("psycopg")
@@ -34,37 +35,9 @@ def migrate(url: str) -> None:
 
 
 def schema_of(url: str) -> dict[str, Any]:
-    """Tables, columns, indexes and constraints of the schema a URL's connections use, with
-    the schema's name left out so that two schemas compare."""
+    """What `support.schema_of` reads, through a connection of `url`."""
     with psycopg.connect(conninfo_from_url(url)) as conn:
-        (schema,) = conn.execute("SELECT current_schema()").fetchone()
-        columns = conn.execute(
-            "SELECT table_name, column_name, ordinal_position, data_type, is_nullable,"
-            " column_default, collation_name FROM information_schema.columns"
-            " WHERE table_schema = %s ORDER BY table_name, ordinal_position",
-            (schema,),
-        ).fetchall()
-        indexes = conn.execute(
-            "SELECT tablename, indexname, replace(indexdef, %s, '') FROM pg_indexes"
-            " WHERE schemaname = %s ORDER BY indexname",
-            (f"{schema}.", schema),
-        ).fetchall()
-        constraints = conn.execute(
-            "SELECT c.conrelid::regclass::text, c.conname, c.contype,"
-            " pg_get_constraintdef(c.oid) FROM pg_constraint c"
-            " JOIN pg_namespace n ON n.oid = c.connamespace"
-            " WHERE n.nspname = %s ORDER BY c.conname",
-            (schema,),
-        ).fetchall()
-        versions = conn.execute(
-            "SELECT version, name FROM deferq_migrations ORDER BY version"
-        ).fetchall()
-    return {
-        "columns": columns,
-        "indexes": indexes,
-        "constraints": constraints,
-        "versions": versions,
-    }
+        return support.schema_of(conn)
 
 
 def test_migrations_are_numbered_from_one_without_gaps() -> None:

@@ -16,13 +16,11 @@ import pytest
 from deferq.errors import ExecutionNotCancellable, ExecutionNotReschedulable
 from deferq.models import Execution
 from deferq.store.base import ClaimedAttempt, FunctionLimits
-from tests.conftest import PG_DSN
 from tests.postgres.support import Relay, new
 from tests.support import wait_until
 
 psycopg = pytest.importorskip("psycopg")
 
-from psycopg.conninfo import conninfo_to_dict  # noqa: E402
 
 from deferq.store.postgres import PostgresStore  # noqa: E402
 
@@ -32,27 +30,6 @@ LIMITED = {"tests.job": FunctionLimits(concurrency=1_000_000)}
 """Claimed in a transaction (lock, claim, commit): the claimed rows stay locked, and seen
 as `created` by others, until the COMMIT arrives."""
 FREE = {"tests.job": FunctionLimits()}
-
-
-@pytest.fixture
-def relay() -> Iterator[Relay]:
-    params = conninfo_to_dict(PG_DSN)
-    proxy = Relay(str(params.get("host")), int(params.get("port", 5432)))
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
-def relayed_store(pg_url: str, relay: Relay, store: PostgresStore) -> Iterator[PostgresStore]:
-    """A store (of a worker) whose connections go through the relay."""
-    params = conninfo_to_dict(PG_DSN)
-    host, port = params.get("host"), params.get("port", 5432)
-    if f"@{host}:{port}/" not in pg_url:
-        pytest.skip(f"the test's URL does not name {host}:{port} plainly")
-    opened = PostgresStore(relay.url(pg_url, str(host), int(port)))
-    opened.migrate()
-    yield opened
-    opened.close()
 
 
 def call(action: Callable[[], Execution]) -> Execution | Exception:
