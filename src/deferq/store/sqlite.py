@@ -55,7 +55,7 @@ BUSY_TIMEOUT_MS = 60_000
 the URL parameter `busy_timeout` (`sqlite:///file.sqlite3?busy_timeout=5s`) changes it."""
 PRUNE_BATCH = 2_000
 """Finished executions deleted per transaction by `prune_finished`: claims wait for one
-batch at a time (about 0.1 s), not for the whole sweep."""
+batch at a time (about 60 ms), not for the whole sweep."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
