@@ -298,6 +298,8 @@ def test_an_unknown_id_is_an_error(
         (["--poll-interval", "0s"], "--poll-interval", "'0s'"),
         (["--poll-interval", "0.001"], "--poll-interval", "'1ms'"),
         (["--heartbeat-interval", "5s", "--lost-after", "10s"], "--lost-after", "'10s'"),
+        (["--heartbeat-interval", "1s", "--lost-after", "2001ms"], "--lost-after", "'2s1ms'"),
+        (["--heartbeat-interval", "1s", "--lost-after", "3s"], "--lost-after", "'3s'"),
         (["--heartbeat-interval", "20s"], "--lost-after", "'15s'"),
     ],
 )

@@ -278,6 +278,26 @@ def test_the_attempt_of_a_paused_worker_stops_itself_before_it_is_taken_over(
     assert_first_run_stopped_before_the_second(app, execution, log, marker)
 
 
+def test_an_attempt_that_holds_the_interpreter_lock_is_stopped_while_its_worker_is_paused(
+    app: App, store_url: str, workers: Any, log: str, tmp_path: Path
+) -> None:
+    """A C call that never releases the interpreter lock stops every Python thread of the
+    attempt's process: what watches the worker's contact runs outside it."""
+    paused = workers(store_url, "--slots", "1", "--prefetch", "0", *FAST_LOSS)
+    execution = contact.holds_the_interpreter_first_time(log, "cut-off", 60)
+    (run,) = wait_until(lambda: starts(log, "cut-off"), 20, what="the first run to begin")
+    workers(store_url, "--slots", "1", *FAST_LOSS)
+
+    with continued_at_exit(paused.pid):
+        paused.signal(signal.SIGSTOP)
+        wait_until(lambda: not process_alive(run["pid"]), 5, what="the attempt to be stopped")
+        wait_until(lambda: len(starts(log, "cut-off")) == 2, 20, what="the retry to begin")
+        paused.signal(signal.SIGCONT)
+
+    assert wait_final(app, execution.id).state == "succeeded"
+    assert_first_run_stopped_before_the_second(app, execution, log, str(tmp_path / "none"))
+
+
 # What an attempt leaves behind
 
 

@@ -154,11 +154,14 @@ def _check_worker_timing(
                 "instead of waiting",
                 param_hint=flag,
             )
-    if lost_after <= heartbeat_interval * 2:
+    # A worker stops its own attempts when no heartbeat was stored for half of --lost-after,
+    # and the time since the last stored one reaches an interval plus the round trips of
+    # the heartbeats: half of --lost-after must hold two intervals.
+    if lost_after < heartbeat_interval * 4:
         raise click.BadParameter(
-            f"{format_duration(lost_after)!r} must be more than twice --heartbeat-interval "
-            f"({format_duration(heartbeat_interval)}): a worker whose heartbeat is a little "
-            "late would be declared lost while it is alive",
+            f"{format_duration(lost_after)!r} must be at least 4 times --heartbeat-interval "
+            f"({format_duration(heartbeat_interval)}): a live worker stops its own attempts "
+            "at half of --lost-after, and a heartbeat a little late would make it do so",
             param_hint="--lost-after",
         )
 

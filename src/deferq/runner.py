@@ -11,6 +11,7 @@ import ctypes
 import importlib
 import json
 import logging
+import mmap
 import os
 import signal
 import sys
@@ -167,15 +168,20 @@ def contact_clock() -> float:
 _CONTACT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    # Linux: the kernel kills this process when the worker dies, even by SIGKILL. Elsewhere,
-    # and as a second guard, a thread watches the parent's pid.
+def _kill_on_parent_death() -> None:
+    """Linux: have the kernel kill this process when its parent dies."""
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    # Linux: the kernel kills this process when the worker dies, even by SIGKILL. Elsewhere,
+    # and as a second guard, a thread watches the parent's pid.
+    _kill_on_parent_death()
 
     def watch() -> None:
         while True:
@@ -186,19 +192,29 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="deferq-parent-watch", daemon=True).start()
 
 
-def _stop_when_out_of_contact(contact: Any, fence_after: float, busy: threading.Event) -> None:
-    """While an attempt runs, stop this process and what it started once its worker has had
-    no heartbeat stored for `fence_after`: the worker's own fence does the same, but cannot
-    while the worker is paused (SIGSTOP, Ctrl-Z in a terminal, which does not reach this
-    process group) and the store may declare it lost and retry the attempt elsewhere."""
+def _guard_contact(contact: Any, fence_after: float) -> mmap.mmap:
+    """Fork a guard that stops this process's attempt, and what it started, once its worker
+    has had no heartbeat stored for `fence_after`; return the flag (one byte of shared
+    memory) that says an attempt runs.
 
-    def watch() -> None:
-        while True:
-            if busy.is_set() and contact_clock() - contact.value > fence_after:
+    The worker's own fence does the same, but cannot while the worker is paused (SIGSTOP,
+    or Ctrl-Z in a terminal, which does not reach this process group) and the store may
+    declare it lost and retry the attempt elsewhere. The guard is a process of its own, in
+    this process group, not a thread: an attempt in a C call that keeps the interpreter
+    lock stops every thread of its process. Forked before anything else runs here."""
+    running = mmap.mmap(-1, 1)  # shared with the guard: anonymous maps are MAP_SHARED
+    owner = os.getpid()
+    if os.fork() != 0:
+        return running
+    try:  # the guard
+        _kill_on_parent_death()
+        interval = min(0.25, fence_after / 4)
+        while os.getppid() == owner:
+            if running[0] and contact_clock() - contact.value > fence_after:
                 os.killpg(0, signal.SIGKILL)
-            time.sleep(min(0.25, fence_after / 4))
-
-    threading.Thread(target=watch, name="deferq-contact-watch", daemon=True).start()
+            time.sleep(interval)
+    finally:
+        os._exit(0)
 
 
 def child_main(
@@ -219,10 +235,10 @@ def child_main(
     # A process group of its own, before any function runs: stopping an attempt kills the
     # group, so the subprocesses the function started die with it.
     os.setpgid(0, 0)
-    _die_with_parent(parent_pid)
-    busy = threading.Event()
+    running = None
     if contact is not None and fence_after > 0:
-        _stop_when_out_of_contact(contact, fence_after, busy)
+        running = _guard_contact(contact, fence_after)
+    _die_with_parent(parent_pid)
     logging.basicConfig(level=log_level)
     try:
         import_modules(modules)
@@ -238,9 +254,11 @@ def child_main(
         except (EOFError, OSError):
             return
         function_name, arguments = json.loads(message)
-        busy.set()
+        if running is not None:
+            running[0] = 1
         raw = run_function(function_name, arguments, loop)
-        busy.clear()
+        if running is not None:
+            running[0] = 0
         if asyncio.all_tasks(loop):
             # Tasks that ignored their cancellation would run again with the next async
             # attempt: they are left behind on a closed loop instead.

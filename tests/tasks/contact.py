@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import subprocess
 import threading
@@ -115,5 +116,18 @@ def leaves_a_thread(marker: str, seconds: float) -> str:
 def sleeps(log: str, key: str, seconds: float) -> str:
     begin(log, key)
     time.sleep(seconds)
+    end(log)
+    return key
+
+
+@defer(retry=RETRY_ONCE_NOW)
+def holds_the_interpreter_first_time(log: str, key: str, seconds: int) -> str:
+    """On the first run of `key`, a C call that keeps the interpreter lock for `seconds`
+    (libc's sleep called through `ctypes.PyDLL`, which does not release it): no Python
+    thread of the process runs meanwhile. Later runs return at once."""
+    first = not starts(log, key)
+    begin(log, key)
+    if first:
+        ctypes.PyDLL(None).sleep(seconds)
     end(log)
     return key
