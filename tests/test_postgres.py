@@ -9,6 +9,7 @@ without it, with CI=true they fail."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -751,3 +752,31 @@ def test_a_concurrency_limit_holds_across_three_workers(
     assert len(intervals) == 30
     assert max_overlap([(start, end) for start, end, _ in intervals]) == limit
     assert len({worker_id for _, _, worker_id in intervals}) >= limit
+
+
+def test_a_place_freed_under_a_limit_wakes_a_worker_waiting_for_it(
+    pg_app: App, pg_url: str, db: Any, tmp_path: Path
+) -> None:
+    """Worker a holds both places of `limited` (limit 2) and is stopped; worker b, waiting
+    for a place with a poll interval of a minute, starts the third execution as soon as a's
+    reports are stored, not at its next poll: the reports notify it."""
+    quiet = ("--prefetch", "0", "--poll-interval", "60s")
+    with ExitStack() as stack:
+        a = stack.enter_context(worker(pg_url, tmp_path, "a", "--slots", "2", *quiet))
+        wait_registered(db, 1)
+        made = pg_app.enqueue_many(pg_tasks.limited, [(4.0,)] * 3)
+        wait_until(lambda: in_states(db, "started") == 2, 30, what="a to hold both places")
+        b = stack.enter_context(worker(pg_url, tmp_path, "b", "--slots", "1", *quiet))
+        wait_registered(db, 2)
+        time.sleep(0.5)  # b has looked, and found the limit reached
+        assert in_states(db, "started") == 2
+        a.signal(signal.SIGTERM)  # a finishes its attempts, claims nothing more
+        wait_finished(db, timeout=20)
+        assert a.wait(30) == 0 and b.stop() == 0
+
+    ends = [pg_app.get_execution(e.id) for e in made]
+    first_two = sorted(ends, key=lambda e: e.started_at or 0)[:2]
+    third = max(ends, key=lambda e: e.started_at or 0)
+    freed_at = min(e.finished_at for e in first_two if e.finished_at)
+    assert third.started_at is not None
+    assert third.started_at - freed_at < timedelta(seconds=2), (freed_at, third.started_at)

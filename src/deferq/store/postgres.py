@@ -319,6 +319,9 @@ class PostgresStore(Store):
         self._migrated = False
         self._channel = "deferq"
         self._doubtful_claims: list[_DoubtfulClaim] = []
+        self._limited_running: set[str] = set()
+        """Executions of concurrency-limited functions this process claimed and has not
+        reported yet: their reports free a place under the limit."""
 
     @property
     def channel(self) -> str:
@@ -619,7 +622,41 @@ class PostgresStore(Store):
         connection breaks before the answer arrives, the claim is read back by that token:
         what it took is returned as if the answer had come, and nothing stays `started`
         unknown to its worker. Storing the reports again after a lost commit changes
-        nothing: a report for an attempt that is not running any more is ignored."""
+        nothing: a report for an attempt that is not running any more is ignored.
+
+        When an attempt of a concurrency-limited function ends, idle workers are notified:
+        one of them may be waiting for the place it frees."""
+        freed = self._freed_places(reports)
+        claimed = self._record_and_claim(reports, worker_id, functions, limit, horizon)
+        self._limited_running.update(
+            c.execution_id
+            for c in claimed
+            if c.function_name in functions and functions[c.function_name].concurrency
+        )
+        self._announce_freed(freed)
+        return claimed
+
+    def _freed_places(self, reports: Sequence[AttemptReport]) -> list[str]:
+        return [r.execution_id for r in reports if r.execution_id in self._limited_running]
+
+    def _announce_freed(self, freed: Sequence[str]) -> None:
+        """Notify idle workers, once the reports that freed places are stored. A worker
+        waiting for a place under a limit learns of it at once instead of at its next poll
+        (SQLite's workers notice every commit anyway)."""
+        if not freed:
+            return
+        self._limited_running.difference_update(freed)
+        with self._borrow() as item:
+            item.conn.execute(Q["notify"], {"channel": self.channel})
+
+    def _record_and_claim(
+        self,
+        reports: Sequence[AttemptReport],
+        worker_id: str,
+        functions: Mapping[str, FunctionLimits],
+        limit: int,
+        horizon: timedelta,
+    ) -> list[ClaimedAttempt]:
         if limit <= 0 or not functions:
             limit = 0
         if not reports and not limit:
@@ -700,9 +737,11 @@ class PostgresStore(Store):
 
     def record_attempt_reports(self, reports: Sequence[AttemptReport]) -> None:
         if reports:
+            freed = self._freed_places(reports)
             params = {"channel": self.channel, **_record_params(reports)}
             with self._borrow() as item:
                 item.conn.execute(RECORD, params)
+            self._announce_freed(freed)
 
     def aborting_executions(self, worker_id: str) -> list[str]:
         with self._borrow() as item:
