@@ -203,3 +203,32 @@ def _filter_values(query: ExecutionQuery) -> int:
         + len(query.error_codes or ())
         + sum(1 if isinstance(v, str) else len(v) for v in metadata.values())
     )
+
+
+def listing_sql(
+    query: ExecutionQuery,
+    placeholder: str,
+    time_param: Callable[[Any], Any],
+    metadata_clause: Callable[[str, list[str]], tuple[str, list[Any]]],
+) -> tuple[str, list[Any]]:
+    """The page query of `list_executions` (one row more than the page, to tell whether
+    another follows) and its parameters, newest first. Several states are read as one
+    ordered, limited read per state, merged (see `split_by_state`)."""
+    limit = query.first + 1
+    parts = split_by_state(query)
+    if not parts:
+        where, params = build_where(query, placeholder, time_param, metadata_clause)
+        sql = f"SELECT * FROM deferq_executions WHERE {where} ORDER BY id DESC LIMIT {placeholder}"
+        return sql, [*params, limit]
+    arms: list[str] = []
+    params = []
+    for number, part in enumerate(parts):
+        where, part_params = build_where(part, placeholder, time_param, metadata_clause)
+        arms.append(
+            f"SELECT * FROM (SELECT * FROM deferq_executions WHERE {where}"
+            f" ORDER BY id DESC LIMIT {placeholder}) AS state_{number}"
+        )
+        params += [*part_params, limit]
+    merged = " UNION ALL ".join(arms)
+    sql = f"SELECT * FROM ({merged}) AS page ORDER BY id DESC LIMIT {placeholder}"
+    return sql, [*params, limit]

@@ -54,7 +54,7 @@ from deferq.store.base import (
     load_migrations,
     load_queries,
 )
-from deferq.store.listing import build_where, split_by_state, validate_query
+from deferq.store.listing import listing_sql, validate_query
 
 logger = logging.getLogger("deferq.store")
 
@@ -535,19 +535,7 @@ class PostgresStore(Store):
 
     def list_executions(self, query: ExecutionQuery) -> Page:
         validate_query(query)
-        limit = query.first + 1
-        arms: list[str] = []
-        params: list[Any] = []
-        for one in split_by_state(query) or [query]:
-            where, arm_params = build_where(one, "%s", _aware, _metadata_clause)
-            arms.append(f"SELECT * FROM deferq_executions WHERE {where} ORDER BY id DESC LIMIT %s")
-            params += [*arm_params, limit]
-        if len(arms) == 1:
-            sql = arms[0]
-        else:
-            merged = " UNION ALL ".join(f"({arm})" for arm in arms)
-            sql = f"SELECT * FROM ({merged}) AS page ORDER BY id DESC LIMIT %s"
-            params.append(limit)
+        sql, params = listing_sql(query, "%s", _aware, _metadata_clause)
         rows = self._rows(sql, params)
         items = [_row_to_execution(r) for r in rows[: query.first]]
         next_cursor = items[-1].id if len(rows) > query.first else None

@@ -45,7 +45,7 @@ from deferq.store.base import (
     load_migrations,
     load_queries,
 )
-from deferq.store.listing import build_where, split_by_state, validate_query
+from deferq.store.listing import build_where, listing_sql, validate_query
 
 logger = logging.getLogger("deferq.store")
 
@@ -725,9 +725,9 @@ def _listing_sql(query: ExecutionQuery) -> tuple[str, list[Any]]:
 
     - a metadata filter on one value is driven from the metadata table's primary key
       (key, value, execution_id), which holds that value's executions in id order;
-    - several states are read as one ordered arm per state, merged, since the (state, id)
-      index orders each state's executions but not several states' together;
-    - anything else walks the (state, id) or (function_name, id) index, or the table.
+    - otherwise `listing_sql`: several states are read one ordered arm per state, merged,
+      since the (state, id) index orders each state's executions but not several states'
+      together; anything else walks the (state, id) or (function_name, id) index.
     """
     limit = query.first + 1
     driver = next(
@@ -752,26 +752,7 @@ def _listing_sql(query: ExecutionQuery) -> tuple[str, list[Any]]:
             " ORDER BY m.execution_id DESC LIMIT ?",
             [key, str(value), *params, limit],
         )
-    by_state = split_by_state(query)
-    if by_state:
-        arms: list[str] = []
-        params = []
-        for one_state in by_state:
-            where, arm_params = build_where(one_state, "?", to_us, _metadata_clause)
-            arms.append(
-                "SELECT * FROM (SELECT * FROM deferq_executions"
-                f" WHERE {where} ORDER BY id DESC LIMIT ?)"
-            )
-            params += [*arm_params, limit]
-        return (
-            f"SELECT * FROM ({' UNION ALL '.join(arms)}) ORDER BY id DESC LIMIT ?",
-            [*params, limit],
-        )
-    where, params = build_where(query, "?", to_us, _metadata_clause)
-    return (
-        f"SELECT * FROM deferq_executions WHERE {where} ORDER BY id DESC LIMIT ?",
-        [*params, limit],
-    )
+    return listing_sql(query, "?", to_us, _metadata_clause)
 
 
 def _metadata_clause(key: str, values: list[str]) -> tuple[str, list[Any]]:
